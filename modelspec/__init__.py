@@ -1,0 +1,1 @@
+"""Shared by training and serving: the export contract, the models, and input preprocessing."""

@@ -1,0 +1,1 @@
+"""Offline training scripts that export the served models (see README, "Training")."""
