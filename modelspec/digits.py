@@ -20,7 +20,11 @@ from modelspec.contract import (
     NUM_CLASSES,
 )
 
-RECURRENT_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
+RECURRENT_LAYERS = {
+    "lstm": keras.layers.LSTM,
+    "gru": keras.layers.GRU,
+    "rnn": keras.layers.SimpleRNN,
+}
 
 
 def scale_pixels(images: np.ndarray, pixel_max: float = 255.0) -> np.ndarray:

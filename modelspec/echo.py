@@ -25,7 +25,11 @@ from modelspec.contract import (
     ECHO_STEP_SIGNATURE,
 )
 
-CELLS = {"rnn": keras.layers.SimpleRNNCell, "lstm": keras.layers.LSTMCell, "gru": keras.layers.GRUCell}
+CELLS = {
+    "rnn": keras.layers.SimpleRNNCell,
+    "lstm": keras.layers.LSTMCell,
+    "gru": keras.layers.GRUCell,
+}
 
 
 def make_echo_series(
