@@ -103,7 +103,12 @@ class EchoRNN:
         _, state, logits = tf.while_loop(
             lambda t, *_: t < time, body, (tf.constant(0), state, logits)
         )
-        return tf.transpose(logits.stack()), state
+        # An empty TensorArray cannot be stacked when the batch size is unknown (as in the
+        # exported signature), so an empty input gets its [batch, 0] logits directly.
+        logits = tf.cond(
+            time > 0, lambda: tf.transpose(logits.stack()), lambda: tf.zeros_like(bits)
+        )
+        return logits, state
 
 
 def export_echo_model(model: EchoRNN, version_dir: Path) -> None:
