@@ -1,0 +1,175 @@
+"""``WS /echo``: stream bits, get the echo model's predictions; the hidden state lives on.
+
+Protocol (details and a client example in ``docs/echo-protocol.md``; frames in
+``app.schemas.echo``): the server first sends a ``session`` frame; every ``{"bits": [...]}`` gets
+an ``echo`` frame, ``{"type": "reset"}`` a ``reset`` frame, and a bad frame an ``error`` frame
+(the connection stays open). Refusals (not ready, session cap, unknown session, wrong token,
+session in use) accept the handshake and close at once with a code and a ``"<code>: <detail>"``
+reason, so that every client can read why.
+
+The per-message path is deliberately lean: orjson in and out, bits checked with a few C-level
+calls, no per-message logging or pydantic.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from starlette.types import Send
+from starlette.websockets import WebSocketDisconnect
+
+from app.core.metrics import ECHO_ERRORS
+from app.services.echo_batcher import BatcherStopped
+from app.services.echo_service import EchoService
+from app.services.echo_sessions import POLICY_VIOLATION, TRY_AGAIN_LATER, Session, SessionRefused
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["echo"])
+
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_BINARY = b"\0\1"
+_MISSING = object()
+INTERNAL_ERROR = 1011
+_FAILED = "internal_error: the model call failed; the session can be resumed"
+
+
+class FrameError(Exception):
+    """A refused client frame: answered with an error frame, the connection carries on."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+def parse_frame(text: str, max_bytes: int, max_bits: int) -> bytes | None:
+    """A client text frame → its bits as ``bytes`` of 0/1, or None for a reset.
+
+    A bit is the JSON integer 0 or 1: ``true``/``false``, ``1.0`` and ``"1"`` are refused
+    everywhere (``set(map(type, ...))`` sees them even where ``True == 1``).
+    """
+    if len(text) > max_bytes or (not text.isascii() and len(text.encode()) > max_bytes):
+        raise FrameError("frame_too_large", f"frames are limited to {max_bytes} bytes")
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError("invalid_json", f"not JSON: {exc}") from None
+    if type(frame) is not dict:
+        raise FrameError("invalid_frame", "a frame must be a JSON object")
+    kind = frame.get("type", "bits")
+    if kind == "reset":
+        return None
+    if kind != "bits":
+        raise FrameError("unknown_type", f'"type" must be "bits" or "reset", got {kind!r:.40}')
+    bits = frame.get("bits", _MISSING)
+    if bits is _MISSING:
+        raise FrameError("missing_bits", 'a bits frame needs "bits": [0, 1, ...]')
+    if type(bits) is not list:
+        raise FrameError("invalid_bits", '"bits" must be a list of integers 0 and 1')
+    if not bits:
+        raise FrameError("empty_bits", '"bits" must not be empty')
+    if len(bits) > max_bits:
+        raise FrameError("too_many_bits", f"at most {max_bits} bits per message, got {len(bits)}")
+    if len(set(map(type, bits))) != 1 or type(bits[0]) is not int:
+        raise FrameError("invalid_bits", "bits must be the JSON integers 0 and 1")
+    try:
+        chunk = bytes(bits)
+    except (ValueError, OverflowError):  # below 0 or above 255
+        chunk = b"\2"
+    if chunk.translate(None, _BINARY):
+        raise FrameError("invalid_bits", "bits must be the JSON integers 0 and 1")
+    return chunk
+
+
+@router.websocket("/echo")
+async def echo(
+    websocket: WebSocket, session_id: str | None = None, token: str | None = None
+) -> None:
+    """Open (no parameters) or resume (``?session_id=...&token=...``) an echo session."""
+    app_state = websocket.app.state
+    service: EchoService = app_state.echo
+    await websocket.accept()
+    try:
+        if app_state.lifecycle.status != "ready" or not service.running:
+            raise SessionRefused(
+                TRY_AGAIN_LATER, "not_ready", f"the service is {app_state.lifecycle.status}"
+            )
+        if (session_id is None) != (token is None):
+            raise SessionRefused(
+                POLICY_VIOLATION, "invalid_resume", "pass both session_id and token, or neither"
+            )
+        session = service.open(session_id, token, websocket)
+    except SessionRefused as exc:
+        await websocket.close(exc.code, exc.reason)
+        return
+    ended = "disconnected"
+    try:
+        await websocket.send_text(
+            orjson.dumps(
+                {
+                    "type": "session",
+                    "session_id": session.id,
+                    "token": session.token,
+                    "resumed": session_id is not None,
+                    "echo_step": service.echo_step,
+                    "seq": session.seq,
+                }
+            ).decode()
+        )
+        ended = await _serve(websocket, service, session)
+    except (WebSocketDisconnect, OSError):
+        ended = "client gone"
+    finally:
+        service.close(session, ended=ended)
+
+
+async def _serve(websocket: WebSocket, service: EchoService, session: Session) -> str:
+    """Answer the connection's frames one at a time, in order, until it closes."""
+    settings = service.settings
+    max_bytes, max_bits = settings.echo_max_frame_bytes, settings.echo_max_bits_per_message
+    # The raw ASGI callables under Starlette's state checks (a few % of the per-message CPU);
+    # a send to a vanished client raises OSError (uvicorn's ClientDisconnected).
+    receive, send = websocket._receive, websocket._send
+    dumps, loads_error = orjson.dumps, FrameError
+    while True:
+        message = await receive()
+        text = message.get("text")
+        if text is None:
+            if message["type"] == "websocket.disconnect":
+                return f"disconnected ({message.get('code')})"
+            await _send_error(send, "binary_frame", "send JSON in text frames")
+            continue
+        try:
+            chunk = parse_frame(text, max_bytes, max_bits)
+        except loads_error as exc:
+            await _send_error(send, exc.code, exc.detail)
+            continue
+        if chunk is None:
+            service.reset(session)
+            await send({"type": "websocket.send", "text": '{"type":"reset"}'})
+            continue
+        try:
+            probs, bits, row = await service.advance(session, chunk)
+        except BatcherStopped:
+            return "server stopping"
+        except Exception:  # a failing model call: say so once and end this connection
+            log.exception("echo model call failed", extra={"session": session.id})
+            await send({"type": "websocket.close", "code": INTERNAL_ERROR, "reason": _FAILED})
+            return "model call failed"
+        session.seq += 1
+        n = len(chunk)
+        reply: dict[str, Any] = {
+            "type": "echo",
+            "seq": session.seq,
+            "probabilities": probs[row, :n],
+            "bits": bits[row, :n],
+        }
+        await send({"type": "websocket.send", "text": dumps(reply, option=_NUMPY).decode()})
+
+
+async def _send_error(send: Send, code: str, detail: str) -> None:
+    ECHO_ERRORS.labels(code).inc()
+    frame = {"type": "error", "code": code, "detail": detail}
+    await send({"type": "websocket.send", "text": orjson.dumps(frame).decode()})

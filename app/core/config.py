@@ -1,0 +1,58 @@
+"""Service configuration, read from environment variables (and an optional ``.env`` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the environment variable is the field name in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    # Models
+    model_dir: Path = Field(Path("models"), description="Folder holding <name>/<version>/ models.")
+    digit_model_version: int | None = Field(None, description="Pin mnist_lstm to this version.")
+    echo_model_version: int | None = Field(None, description="Pin echo_rnn to this version.")
+
+    # HTTP limits
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest request body.")
+    max_batch_images: int = Field(256, gt=0, description="Most images in one request.")
+    max_image_pixels: int = Field(
+        25_000_000, gt=0, description="Largest decoded upload (width×height); guards bombs."
+    )
+    request_timeout_s: float = Field(10.0, gt=0, description="Inference deadline per request.")
+
+    # Batching (Triton-style dynamic batcher for digits, sequence batcher for echo)
+    batching_enabled: bool = Field(True, description="False: one model call per request/message.")
+    digit_max_batch_size: int = Field(256, gt=0, description="Most rows in one digit model call.")
+    digit_max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="Longest a digit request waits for others to join its batch."
+    )
+    digit_xla: bool = Field(
+        True, description="Run the digit model XLA-compiled for fixed batch sizes (warmed up)."
+    )
+    echo_max_batch_sessions: int = Field(
+        4096, gt=0, description="Most sessions advanced in one echo model call."
+    )
+    echo_max_queue_delay_ms: float = Field(
+        1.0, ge=0, description="Longest an echo message waits for others to join its batch."
+    )
+
+    # Echo sessions
+    echo_session_ttl_s: float = Field(300.0, gt=0, description="Idle time before eviction.")
+    echo_max_sessions: int = Field(10_000, gt=0, description="Cap on live sessions.")
+    echo_max_frame_bytes: int = Field(65_536, gt=0, description="Largest client frame.")
+    echo_max_bits_per_message: int = Field(4096, gt=0, description="Most bits in one frame.")
+
+    # Logging
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,151 @@
+"""Echo sessions: ids, tokens, and every session's hidden state as one row of a NumPy matrix.
+
+A session owns a *slot*, a row of :attr:`SessionStore.states` (``[capacity, state_dim]``,
+float32), so the batcher gathers and scatters the states of many sessions with one fancy-index
+each instead of stacking small arrays. The matrix grows by doubling up to the session cap.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+
+from app.core.metrics import ECHO_ACTIVE_SESSIONS, ECHO_STORED_SESSIONS
+
+log = logging.getLogger(__name__)
+
+# WebSocket close codes (RFC 6455 §7.4.1).
+POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 1013
+
+
+class SessionRefused(Exception):
+    """A connection that cannot get a session; ``code`` and ``reason`` go into the close frame."""
+
+    def __init__(self, code: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.reason = code, f"{error}: {detail}"
+
+
+class Session:
+    """One client's stream: its slot in the state matrix and its echo reply counter."""
+
+    __slots__ = ("attached", "id", "last_seen", "seq", "slot", "token")
+
+    def __init__(self, session_id: str, token: str, slot: int) -> None:
+        self.id, self.token, self.slot = session_id, token, slot
+        self.seq = 0  # echo replies so far; the next one carries seq + 1
+        self.attached = False
+        self.last_seen = time.monotonic()
+
+
+class SessionStore:
+    """Live sessions (attached to a connection or resumable until ``ttl_s`` idle) and states."""
+
+    def __init__(
+        self, initial_state: np.ndarray, max_sessions: int, ttl_s: float, capacity: int = 1024
+    ) -> None:
+        self.initial = np.asarray(initial_state, np.float32).reshape(-1)
+        self.max_sessions, self.ttl_s = max_sessions, ttl_s
+        capacity = max(1, min(capacity, max_sessions))
+        self.states = np.tile(self.initial, (capacity, 1))
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low slots first
+        self.sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def create(self) -> Session:
+        """A new attached session in the initial state (refused with 1013 at the cap)."""
+        if len(self.sessions) >= self.max_sessions:
+            raise SessionRefused(
+                TRY_AGAIN_LATER,
+                "too_many_sessions",
+                f"the server holds its maximum of {self.max_sessions} sessions; retry later",
+            )
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.states[slot] = self.initial
+        session = Session(secrets.token_urlsafe(16), secrets.token_urlsafe(32), slot)
+        self.sessions[session.id] = session
+        self._attach(session)
+        ECHO_STORED_SESSIONS.set(len(self.sessions))
+        log.info("echo session opened", extra={"session": session.id, "resumed": False})
+        return session
+
+    def resume(self, session_id: str, token: str) -> Session:
+        """Re-attach a detached session; the token is compared in constant time."""
+        session = self.sessions.get(session_id)
+        if session is not None and not session.attached and self._expired(session):
+            self._drop(session)
+            session = None
+        if session is None:
+            raise SessionRefused(
+                POLICY_VIOLATION, "session_not_found", "unknown or expired session_id"
+            )
+        if not secrets.compare_digest(session.token.encode(), token.encode()):
+            raise SessionRefused(POLICY_VIOLATION, "invalid_token", "wrong token for this session")
+        if session.attached:
+            raise SessionRefused(
+                TRY_AGAIN_LATER,
+                "session_in_use",
+                "the session is attached to another connection; retry once that one closes",
+            )
+        self._attach(session)
+        log.info("echo session opened", extra={"session": session.id, "resumed": True})
+        return session
+
+    def detach(self, session: Session, **log_extra: Any) -> None:
+        """The connection ended: keep the session resumable for ``ttl_s``."""
+        if not session.attached:
+            return
+        session.attached = False
+        session.last_seen = time.monotonic()
+        ECHO_ACTIVE_SESSIONS.dec()
+        log.info(
+            "echo session detached", extra={"session": session.id, "seq": session.seq, **log_extra}
+        )
+
+    def reset(self, session: Session) -> None:
+        self.states[session.slot] = self.initial
+
+    def evict_expired(self) -> int:
+        """Drop detached sessions idle for longer than ``ttl_s``; returns how many."""
+        expired = [s for s in self.sessions.values() if not s.attached and self._expired(s)]
+        for session in expired:
+            self._drop(session)
+        if expired:
+            log.info("echo sessions evicted", extra={"count": len(expired)})
+        return len(expired)
+
+    def clear(self) -> None:
+        for session in list(self.sessions.values()):
+            self.detach(session)
+            self._drop(session)
+
+    def _expired(self, session: Session) -> bool:
+        return time.monotonic() - session.last_seen > self.ttl_s
+
+    def _attach(self, session: Session) -> None:
+        session.attached = True
+        session.last_seen = time.monotonic()
+        ECHO_ACTIVE_SESSIONS.inc()
+
+    def _drop(self, session: Session) -> None:
+        del self.sessions[session.id]
+        self._free.append(session.slot)
+        ECHO_STORED_SESSIONS.set(len(self.sessions))
+
+    def _grow(self) -> None:
+        old = len(self.states)
+        new = min(2 * old, self.max_sessions)
+        grown = np.empty((new, self.states.shape[1]), np.float32)
+        grown[:old] = self.states
+        grown[old:] = self.initial
+        self.states = grown
+        self._free.extend(range(new - 1, old - 1, -1))

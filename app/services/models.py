@@ -1,0 +1,201 @@
+"""Loading the SavedModels and calling them.
+
+The registry resolves every model's folder at start-up (a missing model fails fast, naming the
+path), then loads and warms the SavedModels. The thin wrappers below take and return NumPy arrays;
+batching and concurrency are the callers' business (see the batchers).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from app.core.config import Settings
+from modelspec.contract import (
+    DIGIT_INPUT,
+    DIGIT_MODEL,
+    DIGIT_OUTPUT,
+    DIGIT_SIGNATURE,
+    ECHO_BATCH_SIZE,
+    ECHO_BITS,
+    ECHO_INITIAL_STATE_SIGNATURE,
+    ECHO_LENGTHS,
+    ECHO_MODEL,
+    ECHO_PROBABILITIES,
+    ECHO_STATE,
+    ECHO_STEP_SIGNATURE,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    ModelMetadata,
+    ModelNotFoundError,
+    resolve_version_dir,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder exists but does not hold a usable SavedModel."""
+
+
+@dataclass
+class ServedModel:
+    """One loaded model version and what the API reports about it."""
+
+    name: str
+    version: int
+    path: Path
+    metadata: ModelMetadata
+    signatures: dict[str, Any] = field(default_factory=dict)
+    _loaded: Any = None
+
+    @property
+    def ref(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
+
+    def describe(self) -> dict[str, Any]:
+        """Name, version, signature specs and the metrics recorded at training time."""
+        sigs = {}
+        for sig_name, fn in self.signatures.items():
+            inputs = fn.structured_input_signature[1]
+            outputs = fn.structured_outputs
+            sigs[sig_name] = {
+                "inputs": {k: _spec(v) for k, v in inputs.items()},
+                "outputs": {k: _spec(v) for k, v in outputs.items()},
+            }
+        return {
+            "name": self.name,
+            "version": self.version,
+            "path": str(self.path),
+            "signatures": sigs,
+            "loaded": self._loaded is not None,
+            "metrics": self.metadata.metrics,
+            "created_at": self.metadata.created_at,
+        }
+
+    def load(self, required: dict[str, set[str]]) -> None:
+        """Load the SavedModel and check that it offers the ``required`` signatures/inputs."""
+        try:
+            self._loaded = tf.saved_model.load(str(self.path))
+        except Exception as exc:  # TF raises many types for a broken SavedModel
+            raise ModelLoadError(f"cannot load SavedModel {self.path}: {exc}") from exc
+        for sig_name, inputs in required.items():
+            fn = self._loaded.signatures.get(sig_name)
+            if fn is None:
+                raise ModelLoadError(f"{self.path} has no signature {sig_name!r}")
+            missing = inputs - set(fn.structured_input_signature[1])
+            if missing:
+                raise ModelLoadError(f"{self.path} signature {sig_name!r} lacks inputs {missing}")
+            self.signatures[sig_name] = fn
+
+
+def _spec(spec: tf.TensorSpec) -> dict[str, Any]:
+    return {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
+
+
+class DigitModel(ServedModel):
+    """``images`` float32 [n, 28, 28] in [0, 1] → ``probabilities`` float32 [n, 10]."""
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        out = self.signatures[DIGIT_SIGNATURE](**{DIGIT_INPUT: tf.constant(images, tf.float32)})
+        return out[DIGIT_OUTPUT].numpy()
+
+    def warm_up(self) -> None:
+        probs = self.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+        if probs.shape != (1, NUM_CLASSES):
+            raise ModelLoadError(f"{self.path}: unexpected output shape {probs.shape}")
+
+
+class EchoModel(ServedModel):
+    """The echo RNN's ``step`` over a batch of sessions, state packed as [n, state_dim]."""
+
+    @property
+    def state_dim(self) -> int:
+        return int(self.metadata.model_extra["state_dim"])  # type: ignore[index]
+
+    @property
+    def echo_step(self) -> int:
+        return int(self.metadata.model_extra["echo_step"])  # type: ignore[index]
+
+    def initial_state(self, batch_size: int) -> np.ndarray:
+        fn = self.signatures[ECHO_INITIAL_STATE_SIGNATURE]
+        return fn(**{ECHO_BATCH_SIZE: tf.constant(batch_size, tf.int32)})[ECHO_STATE].numpy()
+
+    def step(
+        self, bits: np.ndarray, state: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Advance each row by its first ``lengths`` bits → (probabilities [n, t], state)."""
+        out = self.signatures[ECHO_STEP_SIGNATURE](
+            **{
+                ECHO_BITS: tf.constant(bits, tf.float32),
+                ECHO_STATE: tf.constant(state, tf.float32),
+                ECHO_LENGTHS: tf.constant(lengths, tf.int32),
+            }
+        )
+        return out[ECHO_PROBABILITIES].numpy(), out[ECHO_STATE].numpy()
+
+    def warm_up(self) -> None:
+        state = self.initial_state(1)
+        if state.shape != (1, self.state_dim):
+            raise ModelLoadError(
+                f"{self.path}: state shape {state.shape} != metadata state_dim {self.state_dim}"
+            )
+        self.step(np.zeros((1, 1), np.float32), state, np.ones(1, np.int32))
+
+
+def compute_device() -> str:
+    """What TensorFlow computes on: the first GPU's name, or ``CPU``."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return f"GPU ({details.get('device_name', gpus[0].name)})"
+
+
+class ModelRegistry:
+    """Both served models: resolved at start-up, then loaded and warmed (in a worker thread)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = "unknown"
+        self.digit = DigitModel(**self._resolve(DIGIT_MODEL, settings.digit_model_version))
+        self.echo = EchoModel(**self._resolve(ECHO_MODEL, settings.echo_model_version))
+        for extra in ("state_dim", "echo_step"):
+            if extra not in (self.echo.metadata.model_extra or {}):
+                raise ModelLoadError(f"{self.echo.path}/metadata.json lacks {extra!r}")
+
+    def _resolve(self, name: str, version: int | None) -> dict[str, Any]:
+        path = resolve_version_dir(self.settings.model_dir, name, version)
+        return {"name": name, "version": int(path.name), "path": path, "metadata": _meta(path)}
+
+    def load_all(self) -> None:
+        """Load and warm both models (blocking: call it off the event loop)."""
+        self.device = compute_device()
+        log.info("tensorflow device", extra={"device": self.device, "tf": tf.__version__})
+        self.digit.load({DIGIT_SIGNATURE: {DIGIT_INPUT}})
+        self.echo.load(
+            {
+                ECHO_STEP_SIGNATURE: {ECHO_BITS, ECHO_STATE, ECHO_LENGTHS},
+                ECHO_INITIAL_STATE_SIGNATURE: {ECHO_BATCH_SIZE},
+            }
+        )
+        for model in (self.digit, self.echo):
+            model.warm_up()
+            log.info("model ready", extra={"model": model.name, "version": model.version})
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.device, "models": [self.digit.describe(), self.echo.describe()]}
+
+
+def _meta(path: Path) -> ModelMetadata:
+    try:
+        return ModelMetadata.read(path)
+    except ModelNotFoundError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"invalid {path}/metadata.json: {exc}") from exc
