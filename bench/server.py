@@ -1,0 +1,130 @@
+"""Start and stop the real server as a subprocess, and psutil-free CPU accounting from /proc."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
+
+
+def self_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, at microsecond resolution."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def system_cpu_seconds() -> tuple[float, float]:
+    """Machine-wide (busy, total) CPU seconds summed over all cores, from /proc/stat."""
+    with open("/proc/stat", "rb") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    total = sum(parts[:8])  # user nice system idle iowait irq softirq steal
+    return (total - parts[3] - parts[4]) / CLK_TCK, total / CLK_TCK
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(port: int, path: str, timeout: float = 2.0) -> int:
+    """Status code of ``GET path``, or 0 when the server does not answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
+def _raise_fd_limit() -> None:  # runs in the child before exec: 1,000 sessions need the fds
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
+@dataclass
+class Server:
+    """A running ``uvicorn app.main:app`` and how long it took to come up."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    live_s: float = 0.0  # Popen → first /livez 200
+    ready_s: float = 0.0  # Popen → first /readyz 200 (the cold start)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return proc_cpu_seconds(self.proc.pid)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def start(env: dict[str, str], log_path: Path, cwd: Path = REPO, timeout: float = 120.0) -> Server:
+    """Start the server with ``env`` added to ours; return once /readyz is 200."""
+    port = free_port()
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env}
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            cwd=cwd,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_raise_fd_limit,
+        )
+    server = Server(proc, port, env, log_path)
+    deadline = t0 + timeout
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
+        status = http_status(port, "/readyz" if server.live_s else "/livez", timeout=1.0)
+        now = time.perf_counter() - t0
+        if status and not server.live_s:
+            server.live_s = now
+            status = http_status(port, "/readyz", timeout=1.0)
+            now = time.perf_counter() - t0
+        if status == 200:
+            server.ready_s = now
+            return server
+        time.sleep(0.02)
+    stop(server)
+    raise TimeoutError(f"server not ready after {timeout}s:\n{server.log_tail()}")
+
+
+def stop(server: Server, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds."""
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            server.notes.append(f"did not stop within {timeout}s; killed")
+            server.proc.kill()
+            server.proc.wait()
