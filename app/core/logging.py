@@ -12,13 +12,17 @@ import orjson
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
 
+def _timestamp(created: float) -> str:
+    millis = int(created % 1 * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """Render a record as one JSON object; ``extra={...}`` fields become top-level keys."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -41,3 +45,27 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).propagate = True
     # Requests are logged by app.core.middleware; uvicorn's own access log would duplicate them.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+class AccessLog:
+    """The per-request log line, written straight to stdout in the format of ``JsonFormatter``.
+
+    A ``logging`` call costs ~35 µs of event-loop CPU (record, handler lock, formatter), about a
+    tenth of a one-image digit request; this writes the same JSON line for a fraction of that.
+    It honours the ``app.access`` logger's level and ``disabled`` flag.
+    """
+
+    def __init__(self, name: str = "app.access") -> None:
+        self.logger = logging.getLogger(name)
+        self.name = name
+
+    def write(self, fields: dict[str, Any]) -> None:
+        logger = self.logger
+        if logger.disabled or not logger.isEnabledFor(logging.INFO):
+            return
+        now = time.time()
+        entry = {"ts": _timestamp(now), "level": "info", "logger": self.name, "msg": "request"}
+        entry.update(fields)
+        out = sys.stdout
+        out.write(orjson.dumps(entry, default=str).decode() + "\n")
+        out.flush()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import time
+from functools import lru_cache
 
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import ApiError, error_response
+from app.core.logging import AccessLog
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
-log = logging.getLogger("app.access")
+access_log = AccessLog()
 
 
 class RequestGuard:
@@ -46,17 +48,17 @@ class RequestGuard:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start
-            HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
-            HTTP_LATENCY.labels(path, scope["method"]).observe(elapsed)
-            log.info(
-                "request",
-                extra={
-                    "method": scope["method"],
+            method = scope["method"]
+            _requests(path, method, status).inc()
+            _latency(path, method).observe(elapsed)
+            access_log.write(
+                {
+                    "method": method,
                     "path": scope["path"],
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 3),
                     "client": (scope.get("client") or ("-",))[0],
-                },
+                }
             )
 
     def _counting(self, receive: Receive) -> Receive:
@@ -72,6 +74,17 @@ class RequestGuard:
             return message
 
         return wrapped
+
+
+@lru_cache(maxsize=1024)
+def _requests(path: str, method: str, status: int) -> Counter:
+    """The labelled counter child, cached: ``labels()`` costs a lock and a dict lookup."""
+    return HTTP_REQUESTS.labels(path, method, str(status))
+
+
+@lru_cache(maxsize=1024)
+def _latency(path: str, method: str) -> Histogram:
+    return HTTP_LATENCY.labels(path, method)
 
 
 def _content_length(scope: Scope) -> int | None:
