@@ -14,10 +14,8 @@ comes from rows per call, while latency suffers from any wait. The batcher there
   to the number of requests that arrive during one call);
 * when the pipeline was idle, holds the first request up to ``digit_max_queue_delay_ms`` (from
   its arrival) so that concurrent clients can join it — unless ``digit_max_batch_size`` rows are
-  queued first, which dispatches immediately. Whether anyone will join is not knowable, but the
-  recent past is a good guess: when the last ~9 idle-time batches all went out alone (one client
-  in a closed loop, sparse traffic), waiting only adds latency, so the batcher stops waiting and
-  probes every 8th time; one batch that gathered company turns the wait back on.
+  queued first, which dispatches immediately. When recent idle-time batches all went out alone,
+  it stops waiting (``app.services.batch_policy.IdleWaitPolicy``).
 
 The batch is concatenated and the metrics are recorded on the worker thread, keeping the event
 loop (which also parses requests) free; one watchdog task enforces ``request_timeout_s`` (504)
@@ -51,6 +49,7 @@ import tensorflow as tf
 from app.api.errors import ApiError
 from app.core.config import Settings
 from app.core.metrics import BATCH_SIZE, COMPUTE_TIME, INFERENCE_CALLS, QUEUE_WAIT
+from app.services.batch_policy import IdleWaitPolicy
 from app.services.models import DigitModel
 from modelspec.contract import DIGIT_INPUT, DIGIT_OUTPUT, DIGIT_SIGNATURE, IMAGE_SIZE
 
@@ -81,8 +80,7 @@ class DigitService:
         self._drained = asyncio.Event()  # no request in predict() while stopping
         self._in_flight = 0
         self._running: list[_Pending] = []  # the batch in the model now
-        self._company = 1.0  # how often idle-time batches gathered >1 request lately (EMA)
-        self._idle_batches = 0
+        self._idle_wait = IdleWaitPolicy()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._calls = INFERENCE_CALLS.labels(model.name)
@@ -227,16 +225,13 @@ class DigitService:
     async def _wait_for_company(self, loop: asyncio.AbstractEventLoop) -> None:
         """Idle pipeline: hold the first request up to max_delay for others, unless the batch is
         full or recent idle waits show nobody comes (then only every 8th wait probes)."""
-        self._idle_batches += 1
-        if self._queued_rows < self.max_rows and (
-            self._company >= 0.1 or self._idle_batches % 8 == 0
-        ):
+        if self._idle_wait.should_wait() and self._queued_rows < self.max_rows:
             self._full.clear()
             waited = time.monotonic() - self._queue[0][2]
             with suppress(TimeoutError):
                 async with asyncio.timeout_at(loop.time() + self.max_delay - waited):
                     await self._full.wait()
-        self._company += 0.25 * ((len(self._queue) > 1) - self._company)
+        self._idle_wait.record(len(self._queue) > 1)
 
     def _take(self) -> list[_Pending]:
         """Whole requests from the queue's head, up to ``max_rows`` rows (FIFO)."""

@@ -4,8 +4,9 @@ Each pending message is one session's chunk of bits (as ``bytes`` of 0/1). A dis
 ``max_sessions`` messages, pads their chunks into one ``[n, t]`` matrix with their ``lengths``,
 gathers the sessions' states from the :class:`SessionStore` matrix with one fancy index, runs the
 model's ``step`` on a dedicated single-thread executor and scatters the new states back. When the
-pipeline is idle the first message waits at most ``max_delay_s`` for company; when a call has just
-finished, whatever queued meanwhile goes at once. A connection submits its next message only
+pipeline is idle the first message waits at most ``max_delay_s`` for company (unless recent idle
+batches all went alone: ``IdleWaitPolicy``); when a call has just finished, whatever queued
+meanwhile goes at once. A connection submits its next message only
 after the previous one is answered, so a session is in at most one call at a time and its messages
 run strictly in order.
 
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from app.core.metrics import BATCH_SIZE, COMPUTE_TIME, ECHO_MESSAGES, INFERENCE_CALLS, QUEUE_WAIT
+from app.services.batch_policy import IdleWaitPolicy
 from app.services.echo_sessions import SessionStore
 from app.services.models import EchoModel
 
@@ -97,6 +99,7 @@ class SequenceBatcher:
         self._longs: list[_Long] = []  # unfinished long messages, first in the next call
         self._waiter: asyncio.Future[None] | None = None
         self._idle = True  # waiting for a first message (not for a batch to fill up)
+        self._idle_wait = IdleWaitPolicy()
         self._task: asyncio.Task[None] | None = None
         workers = 1 if enabled else min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="echo-step")
@@ -151,11 +154,13 @@ class SequenceBatcher:
                 just_ran = False
                 self._idle, self._waiter = True, loop.create_future()
                 await self._waiter
-            if not just_ran and len(self._futures) < self.max_sessions and self.max_delay_s > 0:
-                self._idle, self._waiter = False, loop.create_future()
-                timer = loop.call_later(self.max_delay_s, _release, self._waiter)
-                await self._waiter
-                timer.cancel()
+            if not just_ran and self.max_delay_s > 0:
+                if self._idle_wait.should_wait() and len(self._futures) < self.max_sessions:
+                    self._idle, self._waiter = False, loop.create_future()
+                    timer = loop.call_later(self.max_delay_s, _release, self._waiter)
+                    await self._waiter
+                    timer.cancel()
+                self._idle_wait.record(len(self._futures) + len(self._longs) > 1)
             self._waiter = None
             await self._dispatch(loop)
             just_ran = True
