@@ -1,0 +1,38 @@
+# Developer entry points. `make test` is the one command that installs everything and tests it.
+PYTHON ?= python3.11
+VENV ?= .venv
+TF_EXTRA ?= cpu
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+# The MNIST files: this checkout's ../shared/data/mnist unless MNIST_DIR says otherwise.
+export MNIST_DIR ?= $(abspath ../shared/data/mnist)
+
+.PHONY: install lint test serve train bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),dev,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+serve: install
+	$(VENV)/bin/uvicorn app.main:app --host 127.0.0.1 --port 8000
+
+train: install
+	$(PY) -m training.train_digits --data-dir "$(MNIST_DIR)"
+	$(PY) -m training.train_echo
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
