@@ -11,7 +11,12 @@ from app.schemas.common import HealthResponse, ModelsResponse
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/livez", response_model=HealthResponse, summary="The process is up")
+@router.get(
+    "/livez",
+    response_model=HealthResponse,
+    response_model_exclude_none=True,
+    summary="The process is up",
+)
 async def livez() -> dict[str, str]:
     return {"status": "alive"}
 
