@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -12,9 +13,15 @@ import orjson
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
 
+@lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def _timestamp(created: float) -> str:
-    millis = int(created % 1 * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
+    """ISO 8601 UTC with milliseconds; the date-time part is formatted once per second."""
+    second = int(created)
+    return f"{_second(second)}.{int((created - second) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

@@ -21,12 +21,11 @@ import os
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
 from app.core.metrics import BATCH_SIZE, COMPUTE_TIME, ECHO_MESSAGES, INFERENCE_CALLS, QUEUE_WAIT
-from app.services.batch_policy import IdleWaitPolicy
+from app.services.batching import IdleWaitPolicy, observe_many
 from app.services.echo_sessions import SessionStore
 from app.services.models import EchoModel
 
@@ -36,24 +35,6 @@ StepResult = tuple[np.ndarray, np.ndarray, int]
 
 class BatcherStopped(RuntimeError):
     """The service is shutting down; the message was not processed."""
-
-
-def observe_many(histogram: Any, values: np.ndarray) -> None:
-    """``histogram.observe(v)`` for each value, with one increment per bucket.
-
-    Same result as the loop (a value lands in the first bucket whose bound is >= it); falls back
-    to the loop if prometheus_client's internals ever change.
-    """
-    try:
-        bounds, buckets, total = histogram._upper_bounds, histogram._buckets, histogram._sum
-    except AttributeError:
-        for value in values.tolist():
-            histogram.observe(value)
-        return
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    total.inc(float(values.sum()))
-    for i in np.flatnonzero(counts).tolist():
-        buckets[i].inc(int(counts[i]))
 
 
 def _release(waiter: asyncio.Future[None]) -> None:

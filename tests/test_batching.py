@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.services.batch_policy import IdleWaitPolicy
+from app.services.batching import IdleWaitPolicy
 
 
 def test_lone_batches_stop_the_wait_and_company_restores_it() -> None:

@@ -1,4 +1,4 @@
-"""When an idle batcher should hold its first request back for company (shared by both batchers).
+"""Pieces both batchers share: when to hold an idle batch back for company, bulk metrics.
 
 Holding the first request of an idle pipeline for up to the queue delay lets concurrent clients
 join its model call, but whether anyone will come is not knowable. The recent past is a good
@@ -8,6 +8,10 @@ batch that gathered company turns the wait back on.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
 
 
 class IdleWaitPolicy:
@@ -26,3 +30,21 @@ class IdleWaitPolicy:
     def record(self, had_company: bool) -> None:
         """Whether that batch went out with more than one request."""
         self._company += self.alpha * (had_company - self._company)
+
+
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for each value, with one increment per bucket.
+
+    Same result as the loop (a value lands in the first bucket whose bound is >= it); falls back
+    to the loop if prometheus_client's internals ever change.
+    """
+    try:
+        bounds, buckets, total = histogram._upper_bounds, histogram._buckets, histogram._sum
+    except AttributeError:
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    total.inc(float(values.sum()))
+    for i in np.flatnonzero(counts).tolist():
+        buckets[i].inc(int(counts[i]))
