@@ -164,30 +164,6 @@ def test_requests_arriving_during_a_call_go_next_without_the_delay() -> None:
     asyncio.run(scenario())
 
 
-def test_an_idle_pipeline_sends_a_deep_queue_in_two_halves() -> None:
-    """Lockstep clients (all queued at once) are split so that the model computes one half while
-    the event loop answers the other; then whatever queued during a call goes whole."""
-
-    async def scenario() -> None:
-        model = FakeModel(0.2)
-        svc = service(model, digit_max_batch_size=256, digit_max_queue_delay_ms=50)
-        await svc.start()
-        await asyncio.gather(*(svc.predict(rows(1, k)) for k in range(40)))
-        assert model.tags() == [list(range(20)), list(range(20, 40))]
-        model.calls.clear()
-        await asyncio.gather(*(svc.predict(rows(1, k)) for k in range(15)))  # too few to split
-        assert model.tags() == [list(range(15))]
-        model.calls.clear()
-        first = [asyncio.create_task(svc.predict(rows(1, k))) for k in range(16)]
-        await asyncio.sleep(0.12)  # during the first half's call: these queue behind the second
-        later = [asyncio.create_task(svc.predict(rows(1, k))) for k in range(16, 40)]
-        await asyncio.gather(*first, *later)
-        await svc.stop()
-        assert model.tags() == [list(range(8)), list(range(8, 40))]
-
-    asyncio.run(scenario())
-
-
 def test_timeout_is_504_and_a_timed_out_queued_request_is_skipped() -> None:
     async def scenario() -> None:
         model = FakeModel(0.5)

@@ -16,11 +16,6 @@ comes from rows per call, while latency suffers from any wait. The batcher there
   its arrival) so that concurrent clients can join it — unless ``digit_max_batch_size`` rows are
   queued first, which dispatches immediately. When recent idle-time batches all went out alone,
   it stops waiting (``app.services.batching.IdleWaitPolicy``).
-* when the pipeline was idle and many requests are queued, sends only the older half of them and
-  the rest as soon as that call returns. Closed-loop clients otherwise fall into lockstep: all of
-  them are parsed (event loop busy, model idle), computed (model busy, loop idle), answered, and
-  come back together. Two half batches keep the model computing one while the event loop answers
-  and parses the other, so both cores work (+10-45 % requests/s at concurrency 64 in A/B runs).
 
 The batch is concatenated and the metrics are recorded on the worker thread, keeping the event
 loop (which also parses requests) free; one watchdog task enforces ``request_timeout_s`` (504)
@@ -59,9 +54,6 @@ from app.services.models import DigitModel
 from modelspec.contract import DIGIT_INPUT, DIGIT_OUTPUT, DIGIT_SIGNATURE, IMAGE_SIZE
 
 log = logging.getLogger(__name__)
-
-# An idle pipeline splits a queue of at least twice this many rows into two calls (see above).
-SPLIT_MIN_ROWS = 8
 
 # (images [n, 28, 28], the future of its probabilities, enqueue time on time.monotonic())
 _Pending = tuple[np.ndarray, "asyncio.Future[np.ndarray]", float]
@@ -206,7 +198,7 @@ class DigitService:
                 await self._wakeup.wait()
             if not busy and self.max_delay > 0:
                 await self._wait_for_company(loop)
-            pending = self._take(halve=not busy)
+            pending = self._take()
             busy = bool(pending)
             if not pending:
                 continue
@@ -241,19 +233,15 @@ class DigitService:
                     await self._full.wait()
         self._idle_wait.record(len(self._queue) > 1)
 
-    def _take(self, halve: bool = False) -> list[_Pending]:
-        """Whole requests from the queue's head, up to ``max_rows`` rows (FIFO); with ``halve``,
-        up to half of the queued rows once at least ``2 * SPLIT_MIN_ROWS`` are queued."""
+    def _take(self) -> list[_Pending]:
+        """Whole requests from the queue's head, up to ``max_rows`` rows (FIFO)."""
         pending: list[_Pending] = []
         rows = 0
-        limit = self.max_rows
-        if halve and self._queued_rows >= 2 * SPLIT_MIN_ROWS:
-            limit = min(limit, (self._queued_rows + 1) // 2)
         queue = self._queue
         while queue:
             images, future, _ = item = queue[0]
             n = len(images)
-            if not future.done() and pending and rows + n > limit:
+            if not future.done() and pending and rows + n > self.max_rows:
                 break
             queue.popleft()
             self._queued_rows -= n
