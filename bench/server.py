@@ -83,11 +83,17 @@ class Server:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def start(env: dict[str, str], log_path: Path, cwd: Path = REPO, timeout: float = 120.0) -> Server:
-    """Start the server with ``env`` added to ours; return once /readyz is 200."""
+def start(
+    env: dict[str, str],
+    log_path: Path,
+    cwd: Path = REPO,
+    timeout: float = 120.0,
+    app: str = "app.main:app",
+) -> Server:
+    """Start ``uvicorn app`` with ``env`` added to ours; return once /readyz is 200."""
     port = free_port()
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env}
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         t0 = time.perf_counter()
