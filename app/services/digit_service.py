@@ -224,7 +224,7 @@ class DigitService:
 
     async def _wait_for_company(self, loop: asyncio.AbstractEventLoop) -> None:
         """Idle pipeline: hold the first request up to max_delay for others, unless the batch is
-        full or recent idle waits show nobody comes (then only every 8th wait probes)."""
+        full or recent idle waits show nobody comes (then only every 128th wait probes)."""
         if self._idle_wait.should_wait() and self._queued_rows < self.max_rows:
             self._full.clear()
             waited = time.monotonic() - self._queue[0][2]
