@@ -17,10 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pydantic
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from app.schemas.echo import EchoFrame, ErrorFrame, ResetAckFrame, SessionFrame
 from tests.live_server import REPO, LiveServer, free_port, start_server, wait_until
 
 pytestmark = pytest.mark.slow
@@ -188,6 +190,24 @@ def test_malformed_frames_get_error_frames_and_leave_the_session_intact(
             assert reply["detail"]
         assert send_bits(ws, [0, 1])["seq"] == 4  # errors take no seq
     assert got == expected
+
+
+def test_every_server_frame_matches_its_documented_schema(live_server: LiveServer) -> None:
+    """The pydantic frames in app/schemas/echo.py are the protocol's documentation: keep them true
+    (same fields, values that validate) for every kind of frame the server sends."""
+
+    def check(model: type[pydantic.BaseModel], frame: dict) -> None:
+        assert set(frame) == set(model.model_fields), (model.__name__, frame)
+        model.model_validate(frame, strict=True)
+
+    with session(live_server) as (ws, frame):
+        check(SessionFrame, frame)
+        check(EchoFrame, send_bits(ws, [1, 0, 1]))
+        ws.send('{"type": "reset"}')
+        check(ResetAckFrame, json.loads(ws.recv(timeout=10)))
+        for bad, _ in MALFORMED:
+            ws.send(bad)
+            check(ErrorFrame, json.loads(ws.recv(timeout=10)))
 
 
 def test_ttl_eviction_and_session_cap(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The frames of the ``/echo`` WebSocket protocol (documentation; the hot path parses by hand).
+"""The frames of the ``/echo`` WebSocket protocol (documentation; the hot path parses by hand,
+and ``tests/test_api_echo.py`` checks every frame the server sends against these models).
 
 Every frame is one JSON object in a WebSocket *text* frame. See ``docs/echo-protocol.md``.
 """
