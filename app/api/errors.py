@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.responses import OrjsonResponse
+from app.services import errors as svc
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,44 @@ class ApiError(Exception):
         self.status, self.code, self.detail = status, code, detail
 
 
-def error_response(status: int, code: str, detail: object) -> OrjsonResponse:
-    return OrjsonResponse({"error": code, "detail": detail}, status_code=status)
+# The one table from domain errors to HTTP statuses and WebSocket close codes (RFC 6455 §7.4.1).
+# The first matching class wins, so subclasses come before their bases.
+ERROR_MAP: tuple[tuple[type[svc.ServiceError], int, int], ...] = (
+    (svc.InvalidInput, 422, 1008),
+    (svc.TooLarge, 413, 1009),
+    (svc.UnsupportedMedia, 415, 1003),
+    (svc.Unauthorized, 401, 1008),
+    (svc.NotFound, 404, 1008),
+    (svc.Conflict, 409, 1013),
+    (svc.NotReady, 503, 1013),
+    (svc.Overloaded, 503, 1013),
+    (svc.DeadlineExceeded, 504, 1011),
+    (svc.ModelFailed, 500, 1011),
+)
+
+
+def http_status(exc: svc.ServiceError) -> int:
+    """The HTTP status of a domain error (500 for an unmapped one)."""
+    return next((status for cls, status, _ in ERROR_MAP if isinstance(exc, cls)), 500)
+
+
+def close_code(exc: svc.ServiceError) -> int:
+    """The WebSocket close code of a domain error (1011 for an unmapped one)."""
+    return next((code for cls, _, code in ERROR_MAP if isinstance(exc, cls)), 1011)
+
+
+def error_response(
+    status: int, code: str, detail: object, headers: dict[str, str] | None = None
+) -> OrjsonResponse:
+    return OrjsonResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def service_error_response(exc: svc.ServiceError) -> OrjsonResponse:
+    """The JSON error answer of a domain error, with ``Retry-After`` when it has one."""
+    headers = None
+    if isinstance(exc, svc.Overloaded):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+    return error_response(http_status(exc), exc.code, exc.detail, headers)
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -37,6 +74,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> OrjsonResponse:
         return error_response(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(svc.ServiceError)
+    async def _service_error(_: Request, exc: svc.ServiceError) -> OrjsonResponse:
+        return service_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> OrjsonResponse:

@@ -1,0 +1,84 @@
+"""Domain errors raised by the services; ``app.api.errors`` maps them to HTTP and WebSocket.
+
+Services never know about HTTP statuses or close codes: they raise one of these with a stable
+``code`` (the ``"error"`` field clients see) and a readable ``detail``. The API layer owns the
+one table that turns each class into an HTTP status and a WebSocket close code.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: a request the service could not serve, with a stable code and a detail."""
+
+    code = "service_error"
+
+    def __init__(self, detail: str, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+
+
+class InvalidInput(ServiceError):
+    """The client sent something malformed or out of range (HTTP 422, WebSocket 1008)."""
+
+    code = "invalid_request"
+
+
+class TooLarge(ServiceError):
+    """The input exceeds a size limit (HTTP 413, WebSocket 1009)."""
+
+    code = "payload_too_large"
+
+
+class UnsupportedMedia(ServiceError):
+    """The input's format is not one the service reads (HTTP 415, WebSocket 1003)."""
+
+    code = "unsupported_media_type"
+
+
+class Unauthorized(ServiceError):
+    """No or a wrong credential (HTTP 401, WebSocket 1008)."""
+
+    code = "unauthorized"
+
+
+class NotFound(ServiceError):
+    """An unknown model, version or session (HTTP 404, WebSocket 1008)."""
+
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    """The resource is busy, e.g. a session attached elsewhere (HTTP 409, WebSocket 1013)."""
+
+    code = "conflict"
+
+
+class NotReady(ServiceError):
+    """Loading or stopping (HTTP 503, WebSocket 1013)."""
+
+    code = "not_ready"
+
+
+class Overloaded(ServiceError):
+    """A capacity bound was hit; retry after ``retry_after_s`` (HTTP 503 + Retry-After, 1013)."""
+
+    code = "overloaded"
+
+    def __init__(self, detail: str, code: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(detail, code)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServiceError):
+    """The work did not finish within its deadline (HTTP 504, WebSocket 1011)."""
+
+    code = "timeout"
+
+
+class ModelFailed(ServiceError):
+    """The model call itself raised (HTTP 500, WebSocket 1011); the cause is in the log."""
+
+    code = "internal_error"
