@@ -46,8 +46,28 @@ class Settings(BaseSettings):
     # Echo sessions
     echo_session_ttl_s: float = Field(300.0, gt=0, description="Idle time before eviction.")
     echo_max_sessions: int = Field(10_000, gt=0, description="Cap on live sessions.")
-    echo_max_frame_bytes: int = Field(65_536, gt=0, description="Largest client frame.")
+    echo_max_frame_bytes: int = Field(
+        65_536, gt=0, description="Largest client message; larger ones close the connection (1009)."
+    )
     echo_max_bits_per_message: int = Field(4096, gt=0, description="Most bits in one frame.")
+
+    # Server (``python -m app``)
+    host: str = Field("127.0.0.1", description="Address to listen on (the image sets 0.0.0.0).")
+    port: int = Field(8000, gt=0, lt=65536, description="TCP port to listen on.")
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated proxy IPs/CIDRs whose X-Forwarded-For is believed; "
+        "empty: none, the TCP peer is the client.",
+    )
+    timeout_keep_alive_s: float = Field(
+        5.0, gt=0, description="An idle keep-alive connection is closed after this."
+    )
+    timeout_graceful_shutdown_s: float = Field(
+        15.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    echo_ws_compression: bool = Field(
+        False, description="Offer permessage-deflate on /echo (frames are a few hundred bytes)."
+    )
 
     # Logging
     log_level: str = Field("INFO", description="Python logging level.")
