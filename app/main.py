@@ -15,7 +15,6 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 
@@ -28,20 +27,13 @@ from app.core.middleware import RequestGuard
 from app.services.digit_service import DigitService
 from app.services.echo_service import EchoService
 from app.services.models import ModelRegistry
+from app.state import AppState, Lifecycle
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Lifecycle:
-    """``loading`` → ``ready`` → ``stopping``, or ``failed`` with an error."""
-
-    status: str = "loading"
-    error: str | None = None
-
-
-async def _load(app: FastAPI) -> None:
-    state = app.state
+async def _load(state: AppState) -> None:
+    assert state.registry and state.digits and state.echo
     try:
         await asyncio.to_thread(state.registry.load_all)
         await state.digits.start()
@@ -91,13 +83,14 @@ def _report_stopping_on_sigterm(lifecycle: Lifecycle) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    app.state.lifecycle = lifecycle = Lifecycle()
-    app.state.registry = registry = ModelRegistry(settings)  # fails fast on a missing model
-    app.state.digits = DigitService(registry.digit, settings)
-    app.state.echo = EchoService(registry.echo, settings)
+    state: AppState = app.state
+    settings = state.settings
+    state.lifecycle = lifecycle = Lifecycle()
+    state.registry = registry = ModelRegistry(settings)  # fails fast on a missing model
+    state.digits = digit_service = DigitService(registry.digit, settings)
+    state.echo = echo_service = EchoService(registry.echo, settings)
     _report_stopping_on_sigterm(lifecycle)
-    loader = asyncio.create_task(_load(app))
+    loader = asyncio.create_task(_load(state))
     try:
         yield
     finally:
@@ -106,8 +99,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.cancel()
         with suppress(asyncio.CancelledError):
             await loader
-        await app.state.echo.stop()
-        await app.state.digits.stop()
+        await echo_service.stop()
+        await digit_service.stop()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -120,9 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
     )
-    app.state.settings = settings
+    app.state = AppState(settings)  # type: ignore[assignment]
     install_error_handlers(app)
-    app.add_middleware(digits.DigitFastPath)  # JSON digit requests skip the routing layers
     app.add_middleware(RequestGuard, max_body=settings.max_request_bytes)  # outermost
     app.include_router(health.router)
     app.include_router(digits.router)

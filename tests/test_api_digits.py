@@ -11,6 +11,7 @@ import io
 import json
 import math
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -20,11 +21,15 @@ import orjson
 import pytest
 from fastapi import FastAPI
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.digits import DigitFastPath
+from app.api.digit_json import DigitJsonRoute
 from app.api.digits import router as digits_router
 from app.api.errors import install_error_handlers
 from app.core.config import Settings
+from app.schemas.digits import DigitBatchPrediction, DigitPrediction
+from app.services.errors import ModelFailed
+from app.state import AppState
 from tests.live_server import LiveServer
 from tests.test_imaging import bomb_png
 from training.mnist_data import MnistData
@@ -55,6 +60,7 @@ def post_json(client: httpx.Client, doc: object) -> httpx.Response:
 
 def check_single(doc: dict, model_name: str = "mnist_lstm") -> int:
     assert set(doc) == {"digit", "probabilities", "model"}
+    DigitPrediction.model_validate(doc)
     probs = doc["probabilities"]
     assert len(probs) == 10 and math.isclose(sum(probs), 1.0, abs_tol=1e-3)
     assert doc["digit"] == int(np.argmax(probs))
@@ -74,6 +80,7 @@ def test_json_forms_are_predicted_correctly(
     assert batch.status_code == 200 and batch.headers["content-type"] == "application/json"
     doc = batch.json()
     assert set(doc) == {"predictions", "model"} and len(doc["predictions"]) == 64
+    DigitBatchPrediction.model_validate(doc)
     assert [p["digit"] for p in doc["predictions"]] == nested[:64]
     unit = post_json(client, {"images": (images[64:128] / 255).tolist(), "pixel_scale": 1})
     assert [p["digit"] for p in unit.json()["predictions"]] == nested[64:128]
@@ -176,6 +183,12 @@ BAD_JSON: dict[str, tuple[bytes, str, int, str]] = {
     "images empty": (_json({"images": []}), JSON, 422, "invalid_request"),
     "pixel_scale 0": (_json({"image": GOOD, "pixel_scale": 0}), JSON, 422, "invalid_request"),
     "pixel_scale text": (_json({"image": GOOD, "pixel_scale": "1"}), JSON, 422, "invalid_request"),
+    "pixel_scale underflow": (
+        _json({"image": GOOD, "pixel_scale": 1e-50}),  # float32(1e-50) == 0: would divide by 0
+        JSON,
+        422,
+        "invalid_request",
+    ),
     "27 rows": (_json({"image": GOOD[:27]}), JSON, 422, "invalid_shape"),
     "783 pixels": (_json({"image": FLAT[:783]}), JSON, 422, "invalid_shape"),
     "scalar": (_json({"image": 7}), JSON, 422, "invalid_shape"),
@@ -255,6 +268,32 @@ def test_declared_body_over_the_limit_is_refused_unread(live_server: LiveServer)
     assert reply.startswith(b"HTTP/1.1 413") and b"payload_too_large" in reply
 
 
+def test_a_client_aborting_mid_body_is_counted_as_499_not_5xx(live_server: LiveServer) -> None:
+    def count(status: str) -> float:
+        text = httpx.get(f"{live_server.base_url}/metrics").text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "http_requests_total"
+            and sample.labels.get("route") == PATH
+            and sample.labels.get("status") == status
+        )
+
+    before = count("499")
+    host, port = live_server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(  # declares 5,000 bytes, sends 100, hangs up
+            b"POST /predict/digit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n" + b'{"image": [' + b"0, " * 30
+        )
+    deadline = time.monotonic() + 20
+    while count("499") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count("499") == before + 1
+    assert not any(count(str(s)) for s in range(500, 600))
+
+
 def test_streamed_body_over_the_limit_is_refused(client: httpx.Client) -> None:
     def chunks() -> Iterator[bytes]:
         for _ in range(80):  # 5 MiB in 64 KiB chunks, no Content-Length
@@ -299,26 +338,25 @@ def test_openapi_documents_both_json_forms_and_the_upload(client: httpx.Client) 
     assert {"200", "413", "415", "422", "503"} <= set(op["responses"])
 
 
-# --- the fast path and the FastAPI route answer alike (in-process, with a stand-in model) -------
+# --- the JSON route in-process, with a stand-in model ---------------------------------------
 
 
 class StubService:
     model_ref: ClassVar[dict[str, Any]] = {"name": "mnist_lstm", "version": 1}
 
-    def __init__(self, ready: bool) -> None:
+    def __init__(self, ready: bool, probs: np.ndarray | None = None) -> None:
         self.ready = ready
+        self.probs = np.linspace(0, 0.2, 10, dtype=np.float32) if probs is None else probs
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
-        return np.tile(np.linspace(0, 0.2, 10, dtype=np.float32), (len(images), 1))
+        return np.tile(self.probs, (len(images), 1))
 
 
-def answers(fast: bool, ready: bool, bodies: list[tuple[bytes, str]]) -> list[tuple[int, bytes]]:
+def answers(service: Any, bodies: list[tuple[bytes, str]]) -> list[tuple[int, bytes]]:
     app = FastAPI()
     install_error_handlers(app)
-    if fast:
-        app.add_middleware(DigitFastPath)
     app.include_router(digits_router)
-    app.state.settings, app.state.digits = Settings(), StubService(ready)
+    app.state = AppState(Settings(), digits=service)  # type: ignore[assignment]
 
     async def post_all() -> list[tuple[int, bytes]]:
         transport = httpx.ASGITransport(app=app)
@@ -329,11 +367,35 @@ def answers(fast: bool, ready: bool, bodies: list[tuple[bytes, str]]) -> list[tu
     return asyncio.run(post_all())
 
 
+def test_the_json_route_is_a_route_class_the_routing_shows() -> None:
+    (route,) = [r for r in digits_router.routes if getattr(r, "path", None) == PATH]
+    assert isinstance(route, DigitJsonRoute)
+
+
 @pytest.mark.parametrize("ready", [True, False])
-def test_fast_path_and_route_answer_alike(ready: bool) -> None:
+def test_in_process_answers_match_the_documented_codes(ready: bool) -> None:
     bodies = [(_json({"image": GOOD}), JSON), (_json({"images": [FLAT, FLAT]}), JSON)]
-    bodies += [(body, ctype) for body, ctype, _, _ in BAD_JSON.values()]
-    fast, route = answers(True, ready, bodies), answers(False, ready, bodies)
-    assert fast == route
-    if not ready:
-        assert {status for status, _ in fast if status != 415} == {503}
+    bodies += [
+        (body, ctype) for body, ctype, _, _ in BAD_JSON.values() if ctype != "multipart/form-data"
+    ]
+    got = answers(StubService(ready), bodies)
+    if ready:
+        assert [status for status, _ in got[:2]] == [200, 200]
+        DigitPrediction.model_validate_json(got[0][1])
+        DigitBatchPrediction.model_validate_json(got[1][1])
+        cases = [c for c in BAD_JSON.values() if c[1] != "multipart/form-data"]
+        for (status, body), (_, _, want_status, code) in zip(got[2:], cases, strict=True):
+            assert (status, orjson.loads(body)["error"]) == (want_status, code)
+    else:
+        assert {status for status, _ in got if status != 415} == {503}
+
+
+def test_a_failed_model_call_is_a_500_with_the_error_shape() -> None:
+    """E.g. non-finite probabilities: the service raises ModelFailed rather than answer NaN."""
+
+    class Failing(StubService):
+        async def predict(self, images: np.ndarray) -> np.ndarray:
+            raise ModelFailed("the digit model returned non-finite probabilities")
+
+    ((status, body),) = answers(Failing(True), [(_json({"image": GOOD}), JSON)])
+    assert (status, orjson.loads(body)["error"]) == (500, "internal_error")

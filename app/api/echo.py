@@ -27,6 +27,7 @@ from app.core.metrics import ECHO_ERRORS
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import POLICY_VIOLATION, TRY_AGAIN_LATER, Session, SessionRefused
 from app.services.errors import GoingAway, ServiceError
+from app.state import app_state
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["echo"])
@@ -39,13 +40,13 @@ async def echo(
     websocket: WebSocket, session_id: str | None = None, token: str | None = None
 ) -> None:
     """Open (no parameters) or resume (``?session_id=...&token=...``) an echo session."""
-    app_state = websocket.app.state
-    service: EchoService = app_state.echo
+    state = app_state(websocket)
+    service = state.echo
     await websocket.accept()
     try:
-        if app_state.lifecycle.status != "ready" or not service.running:
+        if state.lifecycle.status != "ready" or service is None or not service.running:
             raise SessionRefused(
-                TRY_AGAIN_LATER, "not_ready", f"the service is {app_state.lifecycle.status}"
+                TRY_AGAIN_LATER, "not_ready", f"the service is {state.lifecycle.status}"
             )
         if (session_id is None) != (token is None):
             raise SessionRefused(

@@ -7,6 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from app.api.responses import OrjsonResponse
 from app.services import errors as svc
@@ -26,6 +28,7 @@ class ApiError(Exception):
 # The first matching class wins, so subclasses come before their bases.
 ERROR_MAP: tuple[tuple[type[svc.ServiceError], int, int], ...] = (
     (svc.InvalidInput, 422, 1008),
+    (svc.Malformed, 400, 1008),
     (svc.TooLarge, 413, 1009),
     (svc.UnsupportedMedia, 415, 1003),
     (svc.Unauthorized, 401, 1008),
@@ -88,6 +91,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> OrjsonResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, exc.detail)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it; the access log counts a 499
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> OrjsonResponse:

@@ -7,6 +7,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.responses import OrjsonResponse
 from app.schemas.common import HealthResponse, ModelsResponse
+from app.services.errors import NotReady
+from app.state import app_state
 
 router = APIRouter(tags=["operations"])
 
@@ -28,7 +30,7 @@ async def livez() -> dict[str, str]:
     responses={503: {"model": HealthResponse}},
 )
 async def readyz(request: Request) -> OrjsonResponse:
-    lifecycle = request.app.state.lifecycle
+    lifecycle = app_state(request).lifecycle
     body = {"status": lifecycle.status}
     if lifecycle.error:
         body["detail"] = lifecycle.error
@@ -37,7 +39,10 @@ async def readyz(request: Request) -> OrjsonResponse:
 
 @router.get("/v1/models", response_model=ModelsResponse, summary="Served models and their metrics")
 async def list_models(request: Request) -> dict:
-    return request.app.state.registry.describe()
+    registry = app_state(request).registry
+    if registry is None:
+        raise NotReady("the models are not resolved yet")
+    return registry.describe()
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -1,16 +1,24 @@
-"""Pure-ASGI middleware: request-size limit, one JSON access-log line and metrics per request."""
+"""Pure-ASGI middleware: request-size limit, one JSON access-log line and metrics per request.
+
+A request whose client went away before the answer (``http.disconnect`` while the body was read)
+is logged and counted with status 499 (nginx's "client closed request"), never as a 5xx.
+"""
 
 from __future__ import annotations
 
 import time
 from functools import lru_cache
 
+import orjson
 from prometheus_client import Counter, Histogram
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import ApiError, error_response
 from app.core.logging import AccessLog
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from app.services.errors import TooLarge
+
+CLIENT_CLOSED = 499
 
 access_log = AccessLog()
 
@@ -31,6 +39,7 @@ class RequestGuard:
             return
         start = time.perf_counter()
         status = 500
+        gone = [False]  # the client disconnected before the answer
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -43,8 +52,10 @@ class RequestGuard:
             if declared is not None and declared > self.max_body:
                 await _too_large(self.max_body)(scope, receive, send_wrapper)
             else:
-                await self.app(scope, self._counting(receive), send_wrapper)
+                await self.app(scope, self._counting(receive, gone), send_wrapper)
         finally:
+            if gone[0] and status >= 500:
+                status = CLIENT_CLOSED
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start
@@ -61,7 +72,7 @@ class RequestGuard:
                 }
             )
 
-    def _counting(self, receive: Receive) -> Receive:
+    def _counting(self, receive: Receive, gone: list[bool]) -> Receive:
         seen = 0
 
         async def wrapped() -> Message:
@@ -70,7 +81,9 @@ class RequestGuard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    raise ApiError(413, "payload_too_large", _limit_text(self.max_body))
+                    raise TooLarge(_limit_text(self.max_body))
+            elif message["type"] == "http.disconnect":
+                gone[0] = True
             return message
 
         return wrapped
@@ -102,4 +115,5 @@ def _limit_text(limit: int) -> str:
 
 
 def _too_large(limit: int) -> ASGIApp:
-    return error_response(413, "payload_too_large", _limit_text(limit))
+    body = {"error": TooLarge.code, "detail": _limit_text(limit)}
+    return Response(orjson.dumps(body), status_code=413, media_type="application/json")

@@ -1,22 +1,55 @@
-"""Request and response shapes of ``POST /predict/digit``, for the OpenAPI documentation.
+"""Request and response shapes of ``POST /predict/digit``: the contract, and its validator.
 
-The route parses and validates JSON bodies itself (orjson + vectorised NumPy checks, far cheaper
-than pydantic over 784 floats); these models describe the same contract for clients.
+:func:`parse_request` validates a JSON body with :class:`DigitRequest` (pydantic-core, in Rust)
+and is the one definition of what is accepted and of every refusal's code. The route's fast path
+(``app.api.digit_json``) only accelerates bodies this accepts; everything it does not take goes
+through :func:`parse_request`, and a property test checks that both agree.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from app.schemas.common import ModelRef
+from app.services.errors import InvalidInput, TooLarge
 
+IMAGE_SIZE = 28
+PIXELS = IMAGE_SIZE * IMAGE_SIZE
 IMAGE_DESCRIPTION = (
     "One 28×28 MNIST-style image: 28 rows of 28 numbers, or a flat list of 784 numbers (row by "
     "row). White ink on black, like the MNIST data set: 0 = background, `pixel_scale` = ink."
 )
+# pixel_scale must be a normal float32: 1e-50 would round to 0 and divide into infinities.
+SCALE_MIN, SCALE_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 # A crude "1" (a vertical bar of ink), to keep the examples valid and short.
 EXAMPLE_IMAGE = [[255 if 7 <= r < 21 and c == 14 else 0 for c in range(28)] for r in range(28)]
+
+# A JSON number (not true/false, not a string), finite.
+Pixel = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+def _form(value: Any) -> str:
+    return "rows" if type(value) is list and value and type(value[0]) is list else "flat"
+
+
+Image = Annotated[
+    Annotated[list[list[Pixel]], Tag("rows")] | Annotated[list[Pixel], Tag("flat")],
+    Discriminator(_form),
+]
 
 
 class DigitRequest(BaseModel):
@@ -24,19 +57,106 @@ class DigitRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: list[list[float]] | list[float] | None = Field(None, description=IMAGE_DESCRIPTION)
-    images: list[list[list[float]] | list[float]] | None = Field(
+    image: Image | None = Field(None, description=IMAGE_DESCRIPTION)
+    images: list[Image] | None = Field(
         None,
-        description="Several images (each as for `image`) classified in one request; at most "
-        "`MAX_BATCH_IMAGES` (256 by default).",
+        description="Several images (each as for `image`, all in the same form) classified in "
+        "one request; at most `MAX_BATCH_IMAGES` (256 by default).",
         min_length=1,
     )
-    pixel_scale: float = Field(
+    pixel_scale: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
         255,
-        gt=0,
+        ge=SCALE_MIN,
+        le=SCALE_MAX,
         description="The value that means full ink. 255 (default) for MNIST-style 0–255 pixels; "
         "1 for floats in [0, 1].",
         examples=[255, 1],
+    )
+
+    @model_validator(mode="after")
+    def _one_of_image_and_images(self) -> DigitRequest:
+        if (self.image is None) == (self.images is None):
+            raise PydanticCustomError(
+                "invalid_request", 'send exactly one of "image" (one image) and "images" (a list)'
+            )
+        return self
+
+    def pixels(self) -> np.ndarray:
+        """The images as [n, 28, 28] in pixel units, shape and range checked."""
+        one = self.image is not None
+        value = [self.image] if one else self.images
+        try:
+            arr = np.asarray(value, np.float64)
+        except ValueError:
+            arr = None
+        if arr is None or arr.shape[1:] not in ((IMAGE_SIZE, IMAGE_SIZE), (PIXELS,)):
+            each = "image must" if one else "each image must (all in the same form)"
+            raise InvalidInput(
+                f"{each} be {IMAGE_SIZE} rows of {IMAGE_SIZE} numbers or a flat list of "
+                f"{PIXELS} numbers",
+                "invalid_shape",
+            )
+        lo, hi, scale = arr.min(), arr.max(), self.pixel_scale
+        if not (lo >= 0 and hi <= scale):
+            raise InvalidInput(
+                f"pixel values must lie in [0, {scale:g}] (pixel_scale {scale:g}); got values "
+                f"from {lo:g} to {hi:g}",
+                "invalid_pixels",
+            )
+        return arr.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+# Refusal codes, most important first: the answer names the first kind that applies.
+CODES = ("invalid_json", "invalid_request", "invalid_shape", "invalid_pixels")
+
+
+def _code(error: Any) -> str:
+    """The refusal code of one pydantic error."""
+    kind, loc = error["type"], error["loc"]
+    if kind in ("json_invalid", "finite_number"):  # NaN, Infinity, 1e999 are not JSON numbers
+        return "invalid_json"
+    inside_an_image = len(loc) > 1 and loc[0] in ("image", "images")
+    if not inside_an_image or kind == "extra_forbidden" or loc == ("images",):
+        return "invalid_request"  # the body's frame: fields, pixel_scale, the images list
+    if kind == "float_type" and type(error["input"]) is not list:
+        return "invalid_pixels"  # a string, null, object or true/false where a number belongs
+    return "invalid_shape"
+
+
+def parse_request(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
+    """A JSON body → (float32 [n, 28, 28] in [0, 1], whether it was a single ``image``).
+
+    Raises ``InvalidInput`` (422, code from :data:`CODES`) or ``TooLarge`` (413
+    ``too_many_images``, checked before shapes and pixel values).
+    """
+    try:
+        request = DigitRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        codes = {_code(e): e for e in errors}
+        code = next(c for c in CODES if c in codes)
+        if code in ("invalid_shape", "invalid_pixels"):
+            _check_count(body, max_images)
+        first = codes[code]
+        where = ".".join(str(p) for p in first["loc"] if p not in ("rows", "flat"))
+        raise InvalidInput(f"{where}: {first['msg']}" if where else first["msg"], code) from None
+    if request.images is not None and len(request.images) > max_images:
+        _too_many(len(request.images), max_images)
+    pixels = request.pixels()
+    scaled = np.divide(pixels, np.float32(request.pixel_scale), dtype=np.float32)
+    return scaled, request.image is not None
+
+
+def _check_count(body: bytes, max_images: int) -> None:
+    images = orjson.loads(body).get("images")
+    if type(images) is list and len(images) > max_images:
+        _too_many(len(images), max_images)
+
+
+def _too_many(n: int, max_images: int) -> None:
+    raise TooLarge(
+        f"{n} images in one request; the limit is {max_images} (send several requests)",
+        "too_many_images",
     )
 
 

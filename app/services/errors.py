@@ -26,6 +26,12 @@ class InvalidInput(ServiceError):
     code = "invalid_request"
 
 
+class Malformed(ServiceError):
+    """The input's framing is broken, e.g. a malformed multipart body (HTTP 400, WS 1008)."""
+
+    code = "bad_request"
+
+
 class TooLarge(ServiceError):
     """The input exceeds a size limit (HTTP 413, WebSocket 1009)."""
 
