@@ -38,3 +38,8 @@ ECHO_ACTIVE_SESSIONS = Gauge("echo_active_sessions", "Echo sessions with an open
 ECHO_STORED_SESSIONS = Gauge("echo_stored_sessions", "Echo sessions kept (open or resumable).")
 ECHO_MESSAGES = Counter("echo_messages_total", "Echo messages answered.")
 ECHO_ERRORS = Counter("echo_errors_total", "Echo error frames sent, by code.", ["code"])
+HTTP_EDGE_REFUSALS = Counter(
+    "http_edge_refusals_total",
+    "Connections answered and closed by the HTTP edge (app/core/edge.py), by reason.",
+    ["reason"],
+)
