@@ -33,6 +33,7 @@ ERROR_MAP: tuple[tuple[type[svc.ServiceError], int, int], ...] = (
     (svc.Conflict, 409, 1013),
     (svc.NotReady, 503, 1013),
     (svc.Overloaded, 503, 1013),
+    (svc.GoingAway, 503, 1001),
     (svc.DeadlineExceeded, 504, 1011),
     (svc.ModelFailed, 500, 1011),
 )
