@@ -69,8 +69,23 @@ def test_the_app_refuses_oversized_text_too_when_served_by_another_launcher() ->
 def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(live_server: LiveServer) -> None:
     headers = {"X-Forwarded-For": "203.0.113.9"}
     assert httpx.get(f"{live_server.base_url}/xff-probe", headers=headers).status_code == 404
-    lines = [json.loads(x) for x in live_server.log_text().splitlines() if "/xff-probe" in x]
-    assert lines and all(line["client"] == "127.0.0.1" for line in lines), lines
+    assert logged_clients(live_server, "/xff-probe") == {"/xff-probe": "127.0.0.1"}
+
+
+def logged_clients(server: LiveServer, prefix: str, count: int = 1) -> dict[str, str]:
+    """The ``client`` of the access-log lines whose path starts with ``prefix`` (written just
+    after the response, so polled for)."""
+    found: dict[str, str] = {}
+
+    def scan() -> bool:
+        for line in server.log_text().splitlines():
+            if f'"path":"{prefix}' in line:
+                entry = json.loads(line)
+                found[entry["path"]] = entry["client"]
+        return len(found) >= count
+
+    wait_until(scan, 10, f"access-log lines for {prefix}")
+    return found
 
 
 # --- the HTTP edge, on a server of its own with small limits (raw sockets, loopback) ---------
@@ -186,11 +201,7 @@ def test_x_forwarded_for_is_believed_from_a_trusted_proxy(edge: LiveServer) -> N
     xff = "X-Forwarded-For: 198.51.100.7\r\n"
     assert get(edge, "/xff-trusted", "127.0.0.3", xff)[0] == 404
     assert get(edge, "/xff-untrusted", "127.0.0.2", xff)[0] == 404
-    clients = {}
-    for line in edge.log_text().splitlines():
-        if "/xff-" in line:
-            entry = json.loads(line)
-            clients[entry["path"]] = entry["client"]
+    clients = logged_clients(edge, "/xff-", count=2)
     assert clients == {"/xff-trusted": "198.51.100.7", "/xff-untrusted": "127.0.0.2"}
 
 
