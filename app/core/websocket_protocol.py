@@ -5,14 +5,18 @@ transport pauses writing; uvicorn then waits (even its graceful close waits for 
 drain), so the connection and its echo session stay held for as long as the client likes. This
 protocol aborts the transport (RST, buffer dropped) once writing has stayed paused for
 ``ECHO_SEND_TIMEOUT_S``; the application then sees the client gone and detaches the session,
-which stays resumable. Select it with
+which stays resumable. The connection's kernel send buffer is also capped
+(``ECHO_SEND_BUFFER_BYTES``, ``SO_SNDBUF``), so an unread connection holds a bounded amount of
+kernel memory and the cut-off comes within seconds. Select it with
 ``uvicorn --ws app.core.websocket_protocol:GuardedWebSocketProtocol``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -28,8 +32,17 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.send_timeout_s = get_settings().echo_send_timeout_s
+        settings = get_settings()
+        self.send_timeout_s = settings.echo_send_timeout_s
+        self.send_buffer_bytes = settings.echo_send_buffer_bytes
         self._cut_off_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+        super().connection_made(transport)
 
     def pause_writing(self) -> None:
         super().pause_writing()
