@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from app.api import digits, echo, health
+from app.api import digits, echo, health, pages, v2
 from app.api.errors import install_error_handlers
 from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
@@ -127,6 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(digits.router)
     app.include_router(echo.router)
+    app.include_router(pages.router)
+    app.include_router(v2.router)
     return app
 
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from app.core.metrics import BATCH_SIZE, COMPUTE_TIME, ECHO_MESSAGES, INFERENCE_CALLS, QUEUE_WAIT
-from app.services.batching import IdleWaitPolicy, observe_many
+from app.services.batching import IdleWaitPolicy
 from app.services.echo_sessions import SessionStore
 from app.services.models import EchoModel
 
@@ -186,7 +186,7 @@ class SequenceBatcher:
                 done = np.concatenate(long.probs)[None], np.concatenate(long.bits)[None]
                 future.set_result((*done, 0))
         if queued_at:
-            observe_many(self._waits, started - np.array(queued_at))
+            self._waits.observe_many(started - np.array(queued_at))
         ECHO_MESSAGES.inc(len(futures) - len(self._longs))
 
     async def _single(self, slot: int, chunk: bytes) -> StepResult:
