@@ -1,9 +1,11 @@
-"""The echo service: sessions, their eviction sweeper and the sequence batcher, started together.
+"""The echo service: sessions, their eviction sweeper and the batcher, started together.
 
 ``EchoService(model, settings)`` is built before the model is loaded; :meth:`start` (after
-loading) creates the session store from the model's initial state and starts the batcher and the
-sweeper; :meth:`stop` closes the remaining connections with 1001 (going away) and fails whatever is
-still queued.
+loading) creates the session store from the model's initial state and starts the batching core
+with the echo adapter (``app.services.echo_batching``) and the sweeper; :meth:`stop` closes the
+remaining connections with 1001 (going away) and lets what is queued finish. :meth:`advance`
+raises domain errors (``GoingAway``, ``DeadlineExceeded``, ``ModelFailed``); a failed message
+leaves its session at its last answered message.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+import os
 from typing import Protocol
 
 from app.core.config import Settings
-from app.services.echo_batcher import BatcherStopped, SequenceBatcher, StepResult
+from app.services.batching import Batcher, BatchMetrics
+from app.services.echo_batching import EchoResult, EchoSteps, Message
 from app.services.echo_sessions import Session, SessionStore
+from app.services.errors import GoingAway
 from app.services.models import EchoModel
 
 log = logging.getLogger(__name__)
@@ -34,7 +38,7 @@ class EchoService:
     def __init__(self, model: EchoModel, settings: Settings) -> None:
         self.model, self.settings = model, settings
         self.store: SessionStore | None = None
-        self.batcher: SequenceBatcher | None = None
+        self.batcher: Batcher[Message, EchoResult] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._connections: dict[str, Closable] = {}
 
@@ -51,12 +55,17 @@ class EchoService:
         s = self.settings
         initial = await asyncio.to_thread(self.model.initial_state, 1)
         self.store = SessionStore(initial[0], s.echo_max_sessions, s.echo_session_ttl_s)
-        batcher = SequenceBatcher(
-            self.model,
-            self.store,
+        # Unbatched, a message is one call however long; batched, long ones go in slices.
+        max_steps = 32 if s.batching_enabled else s.echo_max_bits_per_message
+        batcher: Batcher[Message, EchoResult] = Batcher(
+            "echo",
+            EchoSteps(self.model, self.store, max_steps),
             enabled=s.batching_enabled,
-            max_sessions=s.echo_max_batch_sessions,
+            max_rows=s.echo_max_batch_sessions,
             max_delay_s=s.echo_max_queue_delay_ms / 1000,
+            timeout_s=s.request_timeout_s,
+            metrics=BatchMetrics.for_model(self.model.name),
+            unbatched_workers=min(4, os.cpu_count() or 1),
         )
         await batcher.start()
         self.batcher = batcher
@@ -102,11 +111,20 @@ class EchoService:
         if self.store is not None:
             self.store.detach(session, **log_extra)
 
-    def advance(self, session: Session, chunk: bytes) -> Awaitable[StepResult]:
-        """Queue one message's bits; the future gives (probabilities, bits, row)."""
-        if self.batcher is None:
-            raise BatcherStopped("the echo service is not running")
-        return self.batcher.submit(session.slot, chunk)
+    async def advance(self, session: Session, chunk: bytes) -> EchoResult:
+        """Advance ``session`` by one message's bits → (probabilities, predicted bits).
+
+        All or nothing: if it fails (or the caller is cancelled), the session's state stays as
+        it was after its last answered message.
+        """
+        if self.batcher is None or self.store is None:
+            raise GoingAway("the echo service is not running", "shutting_down")
+        message = Message(self.store, session.slot, chunk)
+        try:
+            return await self.batcher.submit(message)
+        except BaseException:
+            message.undo()
+            raise
 
     def reset(self, session: Session) -> None:
         assert self.store is not None
