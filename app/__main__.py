@@ -7,6 +7,8 @@ deployment gets the same bounds:
   are buffered further; permessage-deflate is off unless ``ECHO_WS_COMPRESSION`` (no inflation).
 - ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed only from ``TRUSTED_PROXIES``
   (uvicorn's own default would trust 127.0.0.1).
+- A WebSocket client that leaves its replies unread for ``ECHO_SEND_TIMEOUT_S`` is cut off
+  (``app.core.websocket_protocol``).
 - HTTP/1.1 is served by :class:`app.core.edge.EdgeHttpProtocol`: header size, header and body
   read timeouts, connection caps (``MAX_CONNECTIONS``, at most the file-descriptor limit less
   ``FD_RESERVE``), idle keep-alive close after ``TIMEOUT_KEEP_ALIVE_S``.
@@ -25,6 +27,7 @@ import uvicorn
 
 from app.core.config import Settings, get_settings
 from app.core.edge import EdgeHttpProtocol, EdgeLimits
+from app.core.websocket_protocol import GuardedWebSocketProtocol
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app did not start
 FD_RESERVE = 100  # file descriptors kept for models, logs, the listener (the server uses ~40)
@@ -57,8 +60,9 @@ def edge_limits(settings: Settings) -> EdgeLimits:
 
 
 def websocket_protocol() -> type[asyncio.Protocol] | str:
-    """The WebSocket protocol class uvicorn upgrades connections to."""
-    return "websockets-sansio"
+    """The WebSocket protocol class uvicorn upgrades connections to: websockets-sansio, plus a
+    cut-off for clients that leave replies unread past ``ECHO_SEND_TIMEOUT_S``."""
+    return GuardedWebSocketProtocol
 
 
 def server_config(settings: Settings) -> uvicorn.Config:

@@ -78,6 +78,12 @@ class GoingAway(ServiceError):
     code = "going_away"
 
 
+class IdleTimeout(ServiceError):
+    """A connection sent nothing for too long and is closed (HTTP 408, WebSocket 1001)."""
+
+    code = "idle_timeout"
+
+
 class DeadlineExceeded(ServiceError):
     """The work did not finish within its deadline (HTTP 504, WebSocket 1011)."""
 
