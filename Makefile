@@ -25,7 +25,7 @@ test: lint
 	$(VENV)/bin/pytest
 
 serve: install
-	$(VENV)/bin/uvicorn app.main:app --host 127.0.0.1 --port 8000
+	$(PY) -m app
 
 train: install
 	$(PY) -m training.train_digits --data-dir "$(MNIST_DIR)"

@@ -2,7 +2,8 @@
 
     python .ci/smoke_client.py [--base-url http://127.0.0.1:8000] [--mnist-dir DIR]
 
-Sends ``--digits`` images of the MNIST test set (from the original IDX files) one by one to
+Checks that ``GET /`` serves the demo page and its scripts (static files shipped in the package),
+then sends ``--digits`` images of the MNIST test set (from the original IDX files) one by one to
 ``POST /predict/digit`` and needs at least ``--min-correct`` of them classified as labelled;
 then streams ``--bits`` random bits to ``WS /echo`` in chunks of varying size and needs every
 predicted bit from position ``echo_step`` on to equal the input ``echo_step`` bits earlier.
@@ -48,6 +49,17 @@ def load_test_digits(mnist_dir: Path, count: int, seed: int) -> tuple[np.ndarray
         arrays[key] = read_idx(mnist_dir / filename, ndim=3 if key.endswith("images") else 1)
     picks = np.random.default_rng(seed).choice(len(arrays["test_labels"]), count, replace=False)
     return arrays["test_images"][picks], arrays["test_labels"][picks]
+
+
+def check_page(base_url: str) -> None:
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        page = client.get("/")
+        check(page.status_code == 200, f"GET /: HTTP {page.status_code}: {page.text[:300]}")
+        check('id="digit-canvas"' in page.text, "GET / is not the demo page")
+        for name in ("digits.js", "echo.js", "style.css"):
+            r = client.get(f"/static/{name}")
+            check(r.status_code == 200 and r.content, f"GET /static/{name}: HTTP {r.status_code}")
+    print("page: / and its static files served")
 
 
 def check_digits(base_url: str, images: np.ndarray, labels: np.ndarray, min_correct: int) -> None:
@@ -135,6 +147,7 @@ def main() -> int:
 
     started = time.perf_counter()
     try:
+        check_page(args.base_url)
         images, labels = load_test_digits(args.mnist_dir, args.digits, args.seed)
         check_digits(args.base_url, images, labels, args.min_correct)
         ws_url = "ws" + args.base_url.removeprefix("http")

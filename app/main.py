@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from app.api import digits, echo, health
+from app.api import digits, echo, health, pages, v2, v2_fast
 from app.api.errors import install_error_handlers
 from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
@@ -127,10 +127,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(digits.DigitFastPath)  # JSON digit requests skip the routing layers
+    app.add_middleware(v2_fast.V2InferFastPath)  # so do v2 infer requests
     app.add_middleware(RequestGuard, max_body=settings.max_request_bytes)  # outermost
     app.include_router(health.router)
     app.include_router(digits.router)
     app.include_router(echo.router)
+    app.include_router(pages.router)
+    app.include_router(v2.router)
     return app
 
 

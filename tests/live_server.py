@@ -1,4 +1,4 @@
-"""A real uvicorn server in a subprocess on a free 127.0.0.1 port, for the service tests.
+"""The real server (``python -m app``) in a subprocess on a free 127.0.0.1 port, for the tests.
 
 Loaded as a pytest plugin (see ``addopts`` in pyproject.toml): the session-wide ``live_server``
 fixture serves the shipped models; ``start_server(...)`` starts extra ones with other settings.
@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+SERVER_COMMAND = [sys.executable, "-m", "app"]  # settings from the environment (HOST, PORT, ...)
 
 
 @dataclass
@@ -58,14 +59,20 @@ def wait_until(predicate, timeout: float, what: str, server: LiveServer | None =
 def start_server(
     log_dir: Path, env: dict[str, str] | None = None, wait_ready: bool = True, timeout: float = 90
 ) -> Iterator[LiveServer]:
-    """Run ``uvicorn app.main:app`` with ``env`` added to the environment; stop it afterwards."""
+    """Run ``python -m app`` with ``env`` added to the environment; stop it afterwards."""
     port = free_port()
     log_path = Path(log_dir) / f"server-{port}.log"
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+    full_env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "TIMEOUT_GRACEFUL_SHUTDOWN_S": "5",
+        **(env or {}),
+    }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [*cmd, "--port", str(port), "--timeout-graceful-shutdown", "5"],
+            SERVER_COMMAND,
             cwd=REPO,
             env=full_env,
             stdout=log,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ from modelspec.contract import (
     ECHO_INITIAL_STATE_SIGNATURE,
     ECHO_STEP_SIGNATURE,
 )
-from tests.live_server import REPO, LiveServer, free_port
+from tests.live_server import REPO, SERVER_COMMAND, LiveServer, free_port
 
 
 def metric(text: str, sample: str) -> float:
@@ -85,7 +84,8 @@ def test_a_broken_model_stops_the_server_naming_its_path(tmp_path: Path, damage:
     version = max((models / "echo_rnn").iterdir(), key=lambda p: int(p.name))
     (version / damage).write_bytes(b"this is not a model")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MODEL_DIR": str(models)}
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(free_port())]
+    env["PORT"] = str(free_port())
+    cmd = SERVER_COMMAND
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert str(version) in done.stdout + done.stderr

@@ -22,10 +22,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, service_error_response
 from app.schemas.common import ErrorResponse
 from app.schemas.digits import DigitBatchPrediction, DigitPrediction, openapi_request_body
 from app.services.digit_service import DigitService
+from app.services.errors import ServiceError
 from modelspec.contract import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ class DigitFastPath:
             status, content = 200, await predict_json(scope["app"].state, b"".join(chunks))
         except ApiError as exc:
             status, content = exc.status, orjson.dumps({"error": exc.code, "detail": exc.detail})
+        except ServiceError as exc:
+            response = service_error_response(exc)
+            await response(scope, receive, send)
+            return
         headers = [*JSON_HEADERS, (b"content-length", b"%d" % len(content))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})

@@ -48,10 +48,52 @@ class Settings(BaseSettings):
     )
 
     # Echo sessions
-    echo_session_ttl_s: float = Field(300.0, gt=0, description="Idle time before eviction.")
-    echo_max_sessions: int = Field(10_000, gt=0, description="Cap on live sessions.")
-    echo_max_frame_bytes: int = Field(65_536, gt=0, description="Largest client frame.")
+    echo_session_ttl_s: float = Field(
+        300.0, gt=0, description="How long a detached session stays resumable."
+    )
+    echo_max_sessions: int = Field(
+        10_000, gt=0, description="Cap on kept sessions; at it the LRU detached one goes."
+    )
+    echo_max_frame_bytes: int = Field(
+        65_536, gt=0, description="Largest client message; larger ones close the connection (1009)."
+    )
     echo_max_bits_per_message: int = Field(4096, gt=0, description="Most bits in one frame.")
+    echo_idle_timeout_s: float = Field(
+        120.0, gt=0, description="A connection that sends nothing this long is closed (1001)."
+    )
+    echo_send_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose replies stay unread this long is cut off."
+    )
+    echo_send_buffer_bytes: int = Field(
+        262_144, gt=0, description="Kernel send buffer (SO_SNDBUF) of each /echo connection."
+    )
+    echo_max_sessions_per_client: int = Field(
+        500, gt=0, description="Most open sessions per client address (IPv6: per /64)."
+    )
+    echo_new_sessions_per_s: float = Field(
+        50.0, gt=0, description="New sessions per second per client address, sustained."
+    )
+    echo_new_sessions_burst: int = Field(
+        500, gt=0, description="New sessions per client address in a burst."
+    )
+
+    # Server (``python -m app``)
+    host: str = Field("127.0.0.1", description="Address to listen on (the image sets 0.0.0.0).")
+    port: int = Field(8000, gt=0, lt=65536, description="TCP port to listen on.")
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated proxy IPs/CIDRs whose X-Forwarded-For is believed; "
+        "empty: none, the TCP peer is the client.",
+    )
+    timeout_keep_alive_s: float = Field(
+        5.0, gt=0, description="An idle keep-alive connection is closed after this."
+    )
+    timeout_graceful_shutdown_s: float = Field(
+        15.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    echo_ws_compression: bool = Field(
+        False, description="Offer permessage-deflate on /echo (frames are a few hundred bytes)."
+    )
 
     # Logging
     log_level: str = Field("INFO", description="Python logging level.")
