@@ -23,7 +23,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest request body.")
     max_batch_images: int = Field(256, gt=0, description="Most images in one request.")
     max_image_pixels: int = Field(
-        25_000_000, gt=0, description="Largest decoded upload (width×height); guards bombs."
+        16_000_000, gt=0, description="Most pixels (width×height) in an uploaded picture."
+    )
+    max_image_side: int = Field(8192, gt=0, description="Longest side of an uploaded picture.")
+    max_concurrent_uploads: int = Field(
+        2, gt=0, description="Uploads decoded at once; more get 503 `too_many_uploads`."
     )
     request_timeout_s: float = Field(10.0, gt=0, description="Inference deadline per request.")
 
