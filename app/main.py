@@ -28,6 +28,7 @@ from app.core.middleware import RequestGuard
 from app.services.digit_service import DigitService
 from app.services.echo_service import EchoService
 from app.services.models import ModelRegistry
+from app.services.uploads import UploadLimiter
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=OrjsonResponse,
     )
     app.state.settings = settings
+    app.state.uploads = UploadLimiter(
+        settings.max_concurrent_uploads, settings.max_image_pixels, settings.max_image_side
+    )
     install_error_handlers(app)
     app.add_middleware(digits.DigitFastPath)  # JSON digit requests skip the routing layers
     app.add_middleware(v2_fast.V2InferFastPath)  # so do v2 infer requests
