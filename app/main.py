@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from app.api import digits, echo, health, pages
+from app.api import digits, echo, health, pages, v2, v2_fast
 from app.api.errors import install_error_handlers
 from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
@@ -28,6 +28,7 @@ from app.core.middleware import RequestGuard
 from app.services.digit_service import DigitService
 from app.services.echo_service import EchoService
 from app.services.models import ModelRegistry
+from app.services.uploads import UploadLimiter
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +122,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=OrjsonResponse,
     )
     app.state.settings = settings
+    app.state.uploads = UploadLimiter(
+        settings.max_concurrent_uploads, settings.max_image_pixels, settings.max_image_side
+    )
     install_error_handlers(app)
     app.add_middleware(digits.DigitFastPath)  # JSON digit requests skip the routing layers
+    app.add_middleware(v2_fast.V2InferFastPath)  # so do v2 infer requests
     app.add_middleware(RequestGuard, max_body=settings.max_request_bytes)  # outermost
     app.include_router(health.router)
     app.include_router(digits.router)
     app.include_router(echo.router)
     app.include_router(pages.router)
+    app.include_router(v2.router)
     return app
 
 

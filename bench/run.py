@@ -4,7 +4,9 @@
 2. for batching on, then off: a fresh ``uvicorn app.main:app`` subprocess, driven by the load
    generator (``bench.loadgen``, another process) through every digits and echo scenario;
 3. extra cold starts (process start → ``/readyz`` 200);
-4. results table (Markdown + JSON) and plot (PNG) in ``--out`` (default ``bench/results/``).
+4. results table (Markdown + JSON) and plot (PNG) in ``--out`` (default ``bench/results/``);
+5. digits by protocol (``bench.protocols``): ``/predict/digit`` JSON, v2 JSON and v2 binary side
+   by side on a fresh server → ``protocols.{md,json}``; ``--only protocols`` runs just this.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report, server
+from bench import protocols_report, report, server
 from bench.mnist import IMAGES, MNIST_DIR
 from bench.server import REPO
 
@@ -168,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         help="where to start uvicorn app.main:app (default: this repository)",
     )
     ap.add_argument("--log-level", help="server LOG_LEVEL (default: the service's own, INFO)")
+    ap.add_argument("--only", choices=["protocols"], help="run only this part")
+    ap.add_argument("--rounds", type=int, help="rounds of the protocol comparison (3; quick 1)")
     args = ap.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.duration = args.duration if args.duration is not None else (2.0 if args.quick else 6.0)
     reps = args.cold_starts if args.cold_starts is not None else (1 if args.quick else 3)
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     if before["loadavg"][0] > 0.5:
         log(f"WARNING: load average {before['loadavg'][0]:.2f} > 0.5: figures will be noisy")
     t0 = time.time()
+    if args.only == "protocols":
+        run_protocols(args, tmp, argv, t0)
+        return
     results: dict[str, Any] = {
         "meta": {
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -210,6 +218,25 @@ def main(argv: list[str] | None = None) -> None:
     results["meta"]["total_s"] = time.time() - t0
     paths = report.write(results, args.out)
     log(f"done in {results['meta']['total_s']:.0f}s: " + ", ".join(str(p) for p in paths))
+    print(paths[0].read_text())
+    run_protocols(args, tmp, argv, time.time())
+
+
+def run_protocols(args: argparse.Namespace, tmp: Path, argv: list[str] | None, t0: float) -> None:
+    meta = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench.run", *(argv or sys.argv[1:])]),
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "cpu_count": os.cpu_count(),
+        "server_source_sha256": source_digest(),
+        "machine_before": machine_state(),
+    }
+    result = protocols_report.measure(args, server_env(True, args), tmp, log, run_json_lines)
+    meta["machine_after"] = machine_state()
+    meta["total_s"] = time.time() - t0
+    paths = protocols_report.write(meta, result, args.out)
+    log(f"protocols done in {meta['total_s']:.0f}s: " + ", ".join(str(p) for p in paths))
     print(paths[0].read_text())
 
 

@@ -80,12 +80,13 @@ class HttpConn(asyncio.Protocol):
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
                     return
-                at = buf.find(b"content-length:", 0, end)
+                # At a line start: v2's Inference-Header-Content-Length also ends in it.
+                at = buf.find(b"\ncontent-length:", 0, end)
                 if at < 0:  # header case differs: fall back to a lower-cased copy
-                    at = bytes(buf[:end]).lower().find(b"content-length:")
+                    at = bytes(buf[:end]).lower().find(b"\ncontent-length:")
                 stop = buf.find(b"\r\n", at, end + 2)
                 self.body_at = end + 4
-                self.need = self.body_at + int(buf[at + 15 : stop])
+                self.need = self.body_at + int(buf[at + 16 : stop])
                 self.ok = buf[9:12] == b"200"
             if len(buf) < self.need:
                 return

@@ -20,9 +20,9 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from app.api.errors import ApiError
 from app.core.config import Settings
 from app.services.digit_service import DigitService
+from app.services.errors import DeadlineExceeded, ModelFailed, NotReady
 from app.services.models import DigitModel
 from modelspec import contract
 from modelspec.digits import scale_pixels
@@ -48,6 +48,8 @@ class FakeModel:
         if self.fail:
             raise RuntimeError("model exploded")
         return images.reshape(len(images), -1)[:, :10].copy()
+
+    infer = predict  # no XLA
 
     def tags(self) -> list[list[int]]:
         return [c[:, 0, 0].astype(int).tolist() for c in self.calls]
@@ -164,7 +166,7 @@ def test_requests_arriving_during_a_call_go_next_without_the_delay() -> None:
     asyncio.run(scenario())
 
 
-def test_timeout_is_504_and_a_timed_out_queued_request_is_skipped() -> None:
+def test_past_the_deadline_a_request_fails_and_a_timed_out_queued_one_is_skipped() -> None:
     async def scenario() -> None:
         model = FakeModel(0.5)
         svc = service(model, request_timeout_s=0.2, digit_max_queue_delay_ms=0)
@@ -173,9 +175,9 @@ def test_timeout_is_504_and_a_timed_out_queued_request_is_skipped() -> None:
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(svc.predict(rows(1, 1)))
         for task in (running, queued):
-            with pytest.raises(ApiError) as info:
+            with pytest.raises(DeadlineExceeded) as info:
                 await task
-            assert (info.value.status, info.value.code) == (504, "timeout")
+            assert info.value.code == "timeout"
         await asyncio.sleep(0.45)
         model.seconds = 0.0
         assert (await svc.predict(rows(1, 2)))[0, 0] == 2
@@ -194,9 +196,9 @@ def test_not_ready_before_start_and_after_stop() -> None:
                 assert (await svc.predict(rows(1, 5)))[0, 0] == 5
                 await svc.stop()
                 continue
-            with pytest.raises(ApiError) as info:
+            with pytest.raises(NotReady) as info:
                 await svc.predict(rows(1, 0))
-            assert (info.value.status, info.value.code) == (503, "not_ready")
+            assert info.value.code == "not_ready"
 
     asyncio.run(scenario())
 
@@ -236,9 +238,25 @@ def test_a_failed_call_fails_its_requests_and_the_batcher_goes_on() -> None:
         results = await asyncio.gather(
             *(svc.predict(rows(1, k)) for k in range(3)), return_exceptions=True
         )
-        assert all(isinstance(r, RuntimeError) for r in results)
+        assert all(isinstance(r, ModelFailed) for r in results), results
+        assert all(isinstance(r.__cause__, RuntimeError) for r in results)
         model.fail = False
         assert (await svc.predict(rows(1, 9)))[0, 0] == 9
+        await svc.stop()
+
+    asyncio.run(scenario())
+
+
+def test_non_finite_probabilities_are_a_model_failure_never_an_answer() -> None:
+    async def scenario() -> None:
+        model = FakeModel()
+        svc = service(model)
+        await svc.start()
+        image = rows(1, 0)
+        image[0, 0, 2] = np.nan  # the fake model echoes it back as a probability
+        with pytest.raises(ModelFailed):
+            await svc.predict(image)
+        assert (await svc.predict(rows(1, 4)))[0, 0] == 4
         await svc.stop()
 
     asyncio.run(scenario())
@@ -258,7 +276,7 @@ def test_xla_padded_calls_match_the_saved_model(repo_root: Path, mnist: MnistDat
     async def scenario() -> list[np.ndarray]:
         svc = DigitService(model, Settings(digit_max_batch_size=16, digit_xla=True))
         await svc.start()
-        assert svc._compiled is not None and svc.buckets == [1, 2, 4, 8, 16]
+        assert model._compiled is not None and model.buckets == (1, 2, 4, 8, 16)
         starts = np.cumsum([0, *sizes])
         outs = await asyncio.gather(
             *(svc.predict(images[a:b]) for a, b in itertools.pairwise(starts))

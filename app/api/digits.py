@@ -9,7 +9,6 @@ everything else (uploads, refusals) and documents the contract (``app.schemas.di
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Callable, Coroutine
@@ -23,12 +22,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, service_error_response
 from app.schemas.common import ErrorResponse
 from app.schemas.digits import DigitBatchPrediction, DigitPrediction, openapi_request_body
 from app.services.digit_service import DigitService
+from app.services.errors import ServiceError
 from modelspec.contract import IMAGE_SIZE
-from modelspec.imaging import ImageError, preprocess_digit
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +63,10 @@ router = APIRouter(tags=["digits"], route_class=_RequestOnlyRoute)
         status: {"model": ErrorResponse, "description": text}
         for status, text in {
             400: "Malformed multipart body.",
-            413: "Body over the size limit, too many images, or a picture with too many pixels.",
+            413: "Body over the size limit, too many images, or a picture over a pixel limit.",
             415: "Neither JSON nor multipart, or an upload that is not a readable image.",
-            422: "Invalid JSON, wrong shape, non-numbers, values out of range, or no digit found.",
-            503: "The model is not ready (loading or stopping).",
+            422: "Invalid JSON, wrong shape, values out of range, a thin strip, or no digit found.",
+            503: "The model is not ready (loading or stopping), or too many uploads at once.",
             504: "Inference did not finish within the request timeout.",
         }.items()
     },
@@ -128,6 +127,10 @@ class DigitFastPath:
             status, content = 200, await predict_json(scope["app"].state, b"".join(chunks))
         except ApiError as exc:
             status, content = exc.status, orjson.dumps({"error": exc.code, "detail": exc.detail})
+        except ServiceError as exc:
+            response = service_error_response(exc)
+            await response(scope, receive, send)
+            return
         headers = [*JSON_HEADERS, (b"content-length", b"%d" % len(content))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
@@ -301,12 +304,5 @@ async def _read_upload(request: Request) -> np.ndarray:
         await form.close()
     if not data:
         raise _invalid("invalid_image", "the uploaded file is empty")
-    max_pixels = request.app.state.settings.max_image_pixels
-    try:
-        image = await asyncio.to_thread(preprocess_digit, data, max_pixels)
-    except ImageError as exc:
-        raise ApiError(exc.status, exc.code, str(exc)) from None
-    except Exception:  # never a 500 for a bad picture; the log keeps the cause
-        log.exception("image preprocessing failed")
-        raise _invalid("invalid_image", "the picture could not be processed") from None
+    image = await request.app.state.uploads.preprocess(data)  # app.services.uploads
     return image[None]

@@ -14,6 +14,7 @@ calls, no per-message logging or pydantic.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -21,66 +22,29 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Send
 from starlette.websockets import WebSocketDisconnect
 
-from app.core.metrics import ECHO_ERRORS
-from app.services.echo_batcher import BatcherStopped
+from app.api.echo_frames import FrameError, parse_frame
+from app.api.errors import close_code, close_reason
+from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import POLICY_VIOLATION, TRY_AGAIN_LATER, Session, SessionRefused
+from app.services.errors import GoingAway, ServiceError
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["echo"])
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
-_BINARY = b"\0\1"
-_MISSING = object()
-INTERNAL_ERROR = 1011
-_FAILED = "internal_error: the model call failed; the session can be resumed"
 
 
-class FrameError(Exception):
-    """A refused client frame: answered with an error frame, the connection carries on."""
+class _Connection:
+    """The service's handle on a connection: end it with a domain error's close code."""
 
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code, self.detail = code, detail
+    __slots__ = ("_ws",)
 
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
 
-def parse_frame(text: str, max_bytes: int, max_bits: int) -> bytes | None:
-    """A client text frame → its bits as ``bytes`` of 0/1, or None for a reset.
-
-    A bit is the JSON integer 0 or 1: ``true``/``false``, ``1.0`` and ``"1"`` are refused
-    everywhere (``set(map(type, ...))`` sees them even where ``True == 1``).
-    """
-    if len(text) > max_bytes or (not text.isascii() and len(text.encode()) > max_bytes):
-        raise FrameError("frame_too_large", f"frames are limited to {max_bytes} bytes")
-    try:
-        frame = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise FrameError("invalid_json", f"not JSON: {exc}") from None
-    if type(frame) is not dict:
-        raise FrameError("invalid_frame", "a frame must be a JSON object")
-    kind = frame.get("type", "bits")
-    if kind == "reset":
-        return None
-    if kind != "bits":
-        raise FrameError("unknown_type", f'"type" must be "bits" or "reset", got {kind!r:.40}')
-    bits = frame.get("bits", _MISSING)
-    if bits is _MISSING:
-        raise FrameError("missing_bits", 'a bits frame needs "bits": [0, 1, ...]')
-    if type(bits) is not list:
-        raise FrameError("invalid_bits", '"bits" must be a list of integers 0 and 1')
-    if not bits:
-        raise FrameError("empty_bits", '"bits" must not be empty')
-    if len(bits) > max_bits:
-        raise FrameError("too_many_bits", f"at most {max_bits} bits per message, got {len(bits)}")
-    if len(set(map(type, bits))) != 1 or type(bits[0]) is not int:
-        raise FrameError("invalid_bits", "bits must be the JSON integers 0 and 1")
-    try:
-        chunk = bytes(bits)
-    except (ValueError, OverflowError):  # below 0 or above 255
-        chunk = b"\2"
-    if chunk.translate(None, _BINARY):
-        raise FrameError("invalid_bits", "bits must be the JSON integers 0 and 1")
-    return chunk
+    async def end(self, error: ServiceError) -> None:
+        await self._ws.close(close_code(error), close_reason(error))
 
 
 @router.websocket("/echo")
@@ -100,9 +64,15 @@ async def echo(
             raise SessionRefused(
                 POLICY_VIOLATION, "invalid_resume", "pass both session_id and token, or neither"
             )
-        session = service.open(session_id, token, websocket)
+        client = websocket.client.host if websocket.client else None
+        session = service.open(session_id, token, _Connection(websocket), client)
     except SessionRefused as exc:
+        ECHO_SESSIONS_REFUSED.labels(exc.reason.partition(":")[0]).inc()
         await websocket.close(exc.code, exc.reason)
+        return
+    except ServiceError as exc:
+        ECHO_SESSIONS_REFUSED.labels(exc.code).inc()
+        await websocket.close(close_code(exc), close_reason(exc))
         return
     ended = "disconnected"
     try:
@@ -132,9 +102,10 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
     # The raw ASGI callables under Starlette's state checks (a few % of the per-message CPU);
     # a send to a vanished client raises OSError (uvicorn's ClientDisconnected).
     receive, send = websocket._receive, websocket._send
-    dumps, loads_error = orjson.dumps, FrameError
+    dumps, frame_error, clock = orjson.dumps, FrameError, time.monotonic
     while True:
         message = await receive()
+        session.last_seen = clock()  # any frame counts against ECHO_IDLE_TIMEOUT_S
         text = message.get("text")
         if text is None:
             if message["type"] == "websocket.disconnect":
@@ -143,7 +114,7 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
             continue
         try:
             chunk = parse_frame(text, max_bytes, max_bits)
-        except loads_error as exc:
+        except frame_error as exc:
             await _send_error(send, exc.code, exc.detail)
             continue
         if chunk is None:
@@ -151,20 +122,19 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
             await send({"type": "websocket.send", "text": '{"type":"reset"}'})
             continue
         try:
-            probs, bits, row = await service.advance(session, chunk)
-        except BatcherStopped:
+            probs, bits = await service.advance(session, chunk)
+        except GoingAway:
             return "server stopping"
-        except Exception:  # a failing model call: say so once and end this connection
-            log.exception("echo model call failed", extra={"session": session.id})
-            await send({"type": "websocket.close", "code": INTERNAL_ERROR, "reason": _FAILED})
-            return "model call failed"
+        except ServiceError as exc:  # model call failed or deadline passed: say so, end here
+            reason = f"{exc.code}: {exc.detail}; the session can be resumed"
+            await send({"type": "websocket.close", "code": close_code(exc), "reason": reason})
+            return exc.code
         session.seq += 1
-        n = len(chunk)
         reply: dict[str, Any] = {
             "type": "echo",
             "seq": session.seq,
-            "probabilities": probs[row, :n],
-            "bits": bits[row, :n],
+            "probabilities": probs,
+            "bits": bits,
         }
         await send({"type": "websocket.send", "text": dumps(reply, option=_NUMPY).decode()})
 

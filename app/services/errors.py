@@ -72,6 +72,18 @@ class Overloaded(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class GoingAway(ServiceError):
+    """The server ends a connection: it is shutting down (HTTP 503, WebSocket 1001)."""
+
+    code = "going_away"
+
+
+class IdleTimeout(ServiceError):
+    """A connection sent nothing for too long and is closed (HTTP 408, WebSocket 1001)."""
+
+    code = "idle_timeout"
+
+
 class DeadlineExceeded(ServiceError):
     """The work did not finish within its deadline (HTTP 504, WebSocket 1011)."""
 

@@ -7,7 +7,11 @@ batching and concurrency are the callers' business (see the batchers).
 
 from __future__ import annotations
 
+import bisect
 import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,11 +103,60 @@ def _spec(spec: tf.TensorSpec) -> dict[str, Any]:
 
 
 class DigitModel(ServedModel):
-    """``images`` float32 [n, 28, 28] in [0, 1] → ``probabilities`` float32 [n, 10]."""
+    """``images`` float32 [n, 28, 28] in [0, 1] → ``probabilities`` float32 [n, 10].
+
+    :meth:`infer` runs the XLA-compiled function once :meth:`compile_xla` built it: the
+    SavedModel's signature in a ``jit_compile`` function runs 1.5–3× faster on CPU at every batch
+    size and on one thread. XLA compiles once per input shape, so calls are padded with zero
+    images to the next *bucket* (1, 2, 4 … then the largest call; coarser steps waste too much:
+    under load batches settle at about half the clients and a 33-row batch would compute 64).
+    ``TF_XLA_FLAGS=--tf_xla_persistent_cache_directory=DIR`` lets later starts reuse them.
+    """
+
+    _compiled: Any = None  # the XLA concrete function, once built
+    buckets: tuple[int, ...] = ()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
+        """The plain SavedModel signature."""
         out = self.signatures[DIGIT_SIGNATURE](**{DIGIT_INPUT: tf.constant(images, tf.float32)})
         return out[DIGIT_OUTPUT].numpy()
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """The model on ``images``: XLA-compiled and padded to the next bucket, if compiled."""
+        n = len(images)
+        i = bisect.bisect_left(self.buckets, n)
+        if self._compiled is None or i == len(self.buckets):
+            return self.predict(images)
+        size = self.buckets[i]
+        if size != n:
+            images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), np.float32)])
+        return self._compiled(tf.constant(images)).numpy()[:n]
+
+    def compile_xla(self, largest: int) -> None:
+        """Build the XLA function and compile it for every bucket up to ``largest`` rows
+        (blocking, ~0.4–1 s per bucket: call it off the event loop, before serving)."""
+        buckets = [1 << i for i in range(largest.bit_length()) if 1 << i < largest] + [largest]
+        signature = self.signatures[DIGIT_SIGNATURE]
+        spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.float32)
+
+        @tf.function(input_signature=[spec], jit_compile=True)
+        def compiled(images: tf.Tensor) -> tf.Tensor:
+            return signature(**{DIGIT_INPUT: images})[DIGIT_OUTPUT]
+
+        concrete = compiled.get_concrete_function()  # calling it skips ~0.4 ms of dispatch
+        start = time.monotonic()
+
+        def warm(size: int) -> None:
+            concrete(tf.zeros((size, IMAGE_SIZE, IMAGE_SIZE), tf.float32))
+
+        # Compiling is single-threaded C++ that releases the GIL: use every core for it.
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(warm, reversed(buckets)))  # the slowest (largest) first
+        self._compiled, self.buckets = concrete, tuple(buckets)
+        log.info(
+            "digit model compiled with XLA",
+            extra={"batch_sizes": buckets, "seconds": round(time.monotonic() - start, 2)},
+        )
 
     def warm_up(self) -> None:
         probs = self.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.float32))

@@ -1,0 +1,6 @@
+"""The one batching core both models use (``core``) and its idle-wait policy (``policy``)."""
+
+from app.services.batching.core import AGAIN, Adapter, Batcher, BatchMetrics
+from app.services.batching.policy import IdleWaitPolicy
+
+__all__ = ["AGAIN", "Adapter", "BatchMetrics", "Batcher", "IdleWaitPolicy"]

@@ -1,0 +1,118 @@
+"""The echo adapter of the batching core: one model call advances many sessions (like Triton's
+sequence batcher).
+
+An item is one session's message (:class:`Message`: its slot in the :class:`SessionStore` and its
+bits as ``bytes`` of 0/1). A call pads the messages' next slices into one ``[n, t]`` matrix with
+their ``lengths``, gathers the sessions' states from the store's matrix with one fancy index
+(event loop), runs the model's ``step`` (worker thread) and scatters the new states back (event
+loop). A call advances every row by at most ``max_steps`` bits (its cost grows with its longest
+row), so a session streaming long messages delays the others by one slice at most; the rest of a
+long message goes first into the next call (the core's ``AGAIN``).
+
+All or nothing per message: a message that fails (its model call raised, its deadline passed,
+its connection went away) leaves the session at its last fully answered message. A one-slice
+message changes the state only when it is answered; a long message keeps its starting state and
+:meth:`Message.undo` puts it back. A connection submits its next message only after the previous
+one is answered, so a session is in at most one call at a time and its messages run in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from app.core.metrics import ECHO_MESSAGES
+from app.services.batching import AGAIN
+from app.services.echo_sessions import SessionStore
+from app.services.models import EchoModel
+
+# What an answered message gets: (P(bit = 1) float32 [n], predicted bits uint8 [n]).
+EchoResult = tuple[np.ndarray, np.ndarray]
+
+
+class Message:
+    """One session's message in flight: the bits still to run and the answers so far."""
+
+    __slots__ = ("bits", "chunk", "done", "probs", "saved", "slot", "store")
+
+    def __init__(self, store: SessionStore, slot: int, chunk: bytes) -> None:
+        self.store, self.slot, self.chunk = store, slot, chunk
+        self.done = 0  # bits answered so far
+        self.saved: np.ndarray | None = None  # the state before a long message's first slice
+        self.probs: list[np.ndarray] = []
+        self.bits: list[np.ndarray] = []
+
+    def undo(self) -> None:
+        """The message failed: put the session back to where it was before it (long ones)."""
+        if self.saved is not None and self.done:
+            self.store.states[self.slot] = self.saved
+
+
+class EchoSteps:
+    """Gather, step, scatter; slices of at most ``max_steps`` bits per call."""
+
+    def __init__(self, model: EchoModel, store: SessionStore, max_steps: int) -> None:
+        self.model, self.store, self.max_steps = model, store, max_steps
+
+    def rows(self, message: Message) -> int:
+        return 1
+
+    def prepare(self, messages: list[Message]) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+        """The messages' next slices and the sessions' states (a copy: safe on the thread)."""
+        step = self.max_steps
+        slices = []
+        for m in messages:
+            if m.done == 0 and len(m.chunk) > step:
+                m.saved = self.store.states[m.slot].copy()
+            slices.append(m.chunk[m.done : m.done + step])
+        index = np.fromiter((m.slot for m in messages), np.intp, len(messages))
+        return slices, index, self.store.states[index]
+
+    def compute(
+        self, payload: tuple[list[bytes], np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pad, run ``model.step``, threshold (worker thread)."""
+        slices, _, state = payload
+        lengths = np.fromiter(map(len, slices), np.int32, len(slices))
+        width = int(lengths.max())
+        if (lengths != width).any():
+            slices = [s.ljust(width, b"\0") for s in slices]
+        bits = np.frombuffer(b"".join(slices), np.uint8).reshape(len(slices), width)
+        probs, new_state = self.model.step(bits.astype(np.float32), state, lengths)
+        return probs, (probs > 0.5).view(np.uint8), new_state
+
+    def finish(
+        self,
+        messages: list[Message],
+        output: tuple[np.ndarray, np.ndarray, np.ndarray],
+        done: list[bool],
+    ) -> Sequence[Any]:
+        """Scatter the states of the messages still waiting; answer or continue each."""
+        probs, bits, new_state = output
+        index = np.fromiter((m.slot for m in messages), np.intp, len(messages))
+        if any(done):  # answered meanwhile (deadline, gone): their sessions stay as they were
+            live = ~np.array(done)
+            self.store.states[index[live]] = new_state[live]
+        else:
+            self.store.states[index] = new_state
+        results: list[Any] = []
+        answered = 0
+        step = probs.shape[1]
+        for i, m in enumerate(messages):
+            n = min(len(m.chunk) - m.done, self.max_steps)
+            if m.done == 0 and n == len(m.chunk):  # the usual case: the whole message at once
+                results.append((probs[i, :n], bits[i, :n]))
+                answered += 1
+                continue
+            m.probs.append(probs[i, :n].copy())
+            m.bits.append(bits[i, :n].copy())
+            m.done += min(n, step)
+            if m.done < len(m.chunk):
+                results.append(AGAIN)
+            else:
+                results.append((np.concatenate(m.probs), np.concatenate(m.bits)))
+                answered += 1
+        ECHO_MESSAGES.inc(answered)
+        return results
