@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The MNIST files: this checkout's ../shared/data/mnist unless MNIST_DIR says otherwise.
 export MNIST_DIR ?= $(abspath ../shared/data/mnist)
 
-.PHONY: install lint test serve train bench clean
+.PHONY: install lint test serve train bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ train: install
 
 bench: install
 	$(PY) -m bench.run
+
+# Hostile /echo clients against the real server for SOAK_SECONDS (default 1800); RSS/fds flat.
+SOAK_SECONDS ?= 1800
+soak: install
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

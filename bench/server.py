@@ -98,17 +98,22 @@ def start(
     cwd: Path = REPO,
     timeout: float = 120.0,
     app: str = "app.main:app",
+    launcher: bool = False,
 ) -> Server:
-    """Start ``uvicorn app`` with ``env`` added to ours; return once /readyz is 200."""
+    """Start ``uvicorn app`` (``launcher``: ``python -m app``, the service's own launcher with
+    its WebSocket guard) with ``env`` added to ours; return once /readyz is 200."""
     port = free_port()
     env = {**BENCH_ENV, **env}
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env}
-    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    if launcher:
+        cmd = [sys.executable, "-m", "app"]
+        full_env |= {"HOST": "127.0.0.1", "PORT": str(port)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [*cmd, "--port", str(port)],
+            cmd,
             cwd=cwd,
             env=full_env,
             stdout=log,

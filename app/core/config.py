@@ -88,6 +88,21 @@ class Settings(BaseSettings):
     timeout_keep_alive_s: float = Field(
         5.0, gt=0, description="An idle keep-alive connection is closed after this."
     )
+    timeout_header_s: float = Field(
+        10.0, gt=0, description="A request head not complete this long after it began: 408."
+    )
+    timeout_body_s: float = Field(
+        10.0, gt=0, description="No request body bytes for this long while awaited: 408."
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="Largest request line + headers (431); URL at most 8,000."
+    )
+    max_connections: int = Field(
+        1000, gt=0, description="Open connections (HTTP + WebSocket); more get 503 (fd-capped)."
+    )
+    max_connections_per_client: int = Field(
+        64, gt=0, description="Open connections from one peer address (trusted proxies exempt)."
+    )
     timeout_graceful_shutdown_s: float = Field(
         15.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
     )

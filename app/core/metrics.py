@@ -131,3 +131,8 @@ ECHO_CUT_OFF = Counter(
     "Echo connections the server ended: idle_timeout (sent nothing), send_timeout (never read).",
     ["why"],
 )
+HTTP_EDGE_REFUSALS = Counter(
+    "http_edge_refusals_total",
+    "Connections answered and closed by the HTTP edge (app/core/edge.py), by reason.",
+    ["reason"],
+)
