@@ -249,7 +249,7 @@ function showResult(body, seq) {
 
 // ---- clear, photo upload, model name
 $("digit-clear").addEventListener("click", clearCanvas);
-$("digit-mode").addEventListener("change", () => schedule(0));
+$("digit-mode").addEventListener("change", () => changed());
 $("digit-file").addEventListener("change", async (event) => {
   const file = event.target.files[0];
   if (!file) return;

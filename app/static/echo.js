@@ -213,21 +213,21 @@ function setRunning(on) {
   $("echo-start").setAttribute("aria-pressed", String(on));
 }
 
-// ---- the view
+// ---- the view: numbers at once (tests and screen readers read them), the plot once per frame
 function redraw() {
+  const { scored, correct } = state;
+  const pct = (100 * correct) / scored;
+  $("echo-accuracy").textContent = scored ? `${correct === scored ? 100 : pct.toFixed(1)} %` : "–";
+  $("echo-scored").textContent = String(scored);
+  $("echo-sent").textContent = String(state.sent);
+  $("echo-seq").textContent = String(state.seq);
+  $("echo-session").textContent = state.sessionId || "–";
+  panel.dataset.pending = String(state.pending.length);
   if (drawQueued) return;
   drawQueued = true;
   requestAnimationFrame(() => {
     drawQueued = false;
     drawPlot($("echo-plot"), state.points);
-    const { scored, correct } = state;
-    const pct = (100 * correct) / scored;
-    $("echo-accuracy").textContent = scored ? `${correct === scored ? 100 : pct.toFixed(1)} %` : "–";
-    $("echo-scored").textContent = String(scored);
-    $("echo-sent").textContent = String(state.sent);
-    $("echo-seq").textContent = String(state.seq);
-    $("echo-session").textContent = state.sessionId || "–";
-    panel.dataset.pending = String(state.pending.length);
   });
 }
 
@@ -264,6 +264,7 @@ window.addEventListener("pageshow", (event) => {
   connect();
 });
 
+window.addEventListener("resize", redraw);
 setInterval(() => tick(performance.now()), TICK_MS);
 redraw();
 connect();
