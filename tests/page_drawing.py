@@ -32,7 +32,9 @@ def ink_runs(image: np.ndarray, threshold: int = INK) -> list[tuple[int, int, in
 def trace_digit(page: Page, image: np.ndarray) -> None:
     """Clear the canvas and draw ``image`` onto it with mouse strokes."""
     page.click("#digit-clear")
-    box = page.locator("#digit-canvas").bounding_box()
+    canvas = page.locator("#digit-canvas")
+    canvas.scroll_into_view_if_needed()  # the mouse only reaches what is in the viewport
+    box = canvas.bounding_box()
     assert box is not None, "the canvas is not visible"
     cell = box["width"] / FRAME
 

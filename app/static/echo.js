@@ -264,6 +264,7 @@ window.addEventListener("pageshow", (event) => {
   connect();
 });
 
+window.addEventListener("resize", redraw);
 setInterval(() => tick(performance.now()), TICK_MS);
 redraw();
 connect();
