@@ -25,6 +25,7 @@ from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
+from app.core.security import add_access_control
 from app.services.digit_service import DigitService
 from app.services.echo_service import EchoService
 from app.services.models import ModelRegistry
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(digits.DigitFastPath)  # JSON digit requests skip the routing layers
     app.add_middleware(v2_fast.V2InferFastPath)  # so do v2 infer requests
+    add_access_control(app, settings)  # API keys, browser origins (app.core.security)
     app.add_middleware(RequestGuard, max_body=settings.max_request_bytes)  # outermost
     app.include_router(health.router)
     app.include_router(digits.router)

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 
 @dataclass
@@ -35,16 +35,21 @@ class Refused(Exception):
 async def open_session(
     url: str, source: str, timeout: float = 10.0, **kwargs: Any
 ) -> tuple[ClientConnection, dict[str, Any]]:
-    """An open connection from ``source`` and its session frame; raises ``Refused``."""
-    ws = await connect(
-        url,
-        proxy=None,
-        compression=None,
-        open_timeout=timeout,
-        local_addr=(source, 0),
-        max_size=None,
-        **kwargs,
-    )
+    """An open connection from ``source`` and its session frame; raises ``Refused`` (a close
+    code and reason, or an HTTP status refusing the upgrade as ``http_<status>``)."""
+    try:
+        ws = await connect(
+            url,
+            proxy=None,
+            compression=None,
+            open_timeout=timeout,
+            local_addr=(source, 0),
+            max_size=None,
+            **kwargs,
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        raise Refused(status, f"http_{status}: {exc.response.body[:100]!r}") from None
     try:
         frame = orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
     except ConnectionClosed as exc:

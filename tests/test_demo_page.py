@@ -6,6 +6,7 @@ Waits poll the page (Playwright's ``expect`` or a short poll loop), never fixed 
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.browser import NoBrowser, find_chromium
@@ -107,6 +109,31 @@ def test_drawn_mnist_test_digits_are_recognised(
     top = page.locator("#digit-bars .top")
     expect(top).to_have_count(1)
     assert top.inner_text().startswith(str(answers[-1]))
+
+
+def test_an_uploaded_photo_is_read_and_a_bad_file_is_explained(
+    live_server: LiveServer, open_page, mnist: MnistData
+) -> None:
+    page = open_page(live_server.base_url)
+    # A "photo": dark ink on light paper, bigger than MNIST and off-centre.
+    paper = Image.new("L", (300, 200), 235)
+    digit = Image.fromarray(255 - mnist.x_test[1]).resize((140, 140))
+    paper.paste(digit, (40, 30))
+    png = io.BytesIO()
+    paper.save(png, format="PNG")
+    page.set_input_files(
+        "#digit-file",
+        files=[{"name": "photo.png", "mimeType": "image/png", "buffer": png.getvalue()}],
+    )
+    expect(page.locator("#digit-result")).to_have_attribute("data-seq", "photo")
+    assert page.inner_text("#digit-result") == str(mnist.y_test[1])
+    expect(page.locator("#digit-photo")).to_be_visible()
+
+    page.set_input_files(
+        "#digit-file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}]
+    )
+    expect(page.locator("#digit-status")).to_contain_text("The server cannot read that file")
+    expect(page.locator("#digit-status")).to_contain_text("(unsupported_image)")
 
 
 def test_echo_streams_200_bits_and_every_scored_bit_is_right(

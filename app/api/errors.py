@@ -29,6 +29,7 @@ ERROR_MAP: tuple[tuple[type[svc.ServiceError], int, int], ...] = (
     (svc.TooLarge, 413, 1009),
     (svc.UnsupportedMedia, 415, 1003),
     (svc.Unauthorized, 401, 1008),
+    (svc.Forbidden, 403, 1008),
     (svc.NotFound, 404, 1008),
     (svc.Conflict, 409, 1013),
     (svc.NotReady, 503, 1013),

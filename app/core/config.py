@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -111,6 +111,16 @@ class Settings(BaseSettings):
     )
     echo_ws_compression: bool = Field(
         False, description="Offer permessage-deflate on /echo (frames are a few hundred bytes)."
+    )
+
+    # Access control (off by default; app/core/security.py, docs/security.md)
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Comma-separated API keys; set, every route but the public ones needs one.",
+    )
+    cors_allow_origins: str = Field(
+        "",
+        description="Comma-separated browser origins (`*`: any) allowed the API and /echo.",
     )
 
     # Logging

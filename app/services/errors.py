@@ -44,6 +44,12 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """A credential or origin that is not allowed this (HTTP 403, WebSocket 1008)."""
+
+    code = "forbidden"
+
+
 class NotFound(ServiceError):
     """An unknown model, version or session (HTTP 404, WebSocket 1008)."""
 
