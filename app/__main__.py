@@ -30,7 +30,7 @@ from app.core.edge import EdgeHttpProtocol, EdgeLimits
 from app.core.websocket_protocol import GuardedWebSocketProtocol
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app did not start
-FD_RESERVE = 100  # file descriptors kept for models, logs, the listener (the server uses ~40)
+FD_RESERVE = 100  # file descriptors kept for models, logs, the listener (~15 when idle)
 
 log = logging.getLogger("app.server")
 
