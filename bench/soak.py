@@ -335,7 +335,7 @@ def main() -> int:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     env = {**SOAK_ENV, **dict(item.split("=", 1) for item in args.env)}
-    server = srv.start(env, tmp / "server.log", launcher=True)
+    server = srv.start(env, tmp / "server.log")
     log(f"server pid {server.pid} on port {server.port}, ready in {server.ready_s:.1f} s")
     try:
         result = asyncio.run(soak(server, args.seconds, args.churn))
