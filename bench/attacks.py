@@ -103,18 +103,25 @@ async def churn(
     return result
 
 
-async def hoard(url: str, source: str, count: int) -> tuple[list[Any], Counter[str]]:
+async def hoard(
+    url: str, source: str, count: int, concurrency: int = 8, **kwargs: Any
+) -> tuple[list[Any], Counter[str]]:
     """Open up to ``count`` sessions from ``source`` and keep them open, sending nothing.
 
     Returns the (connection, session frame) pairs that were admitted and the refusals by code.
     """
     held: list[Any] = []
     refused: Counter[str] = Counter()
-    for _ in range(count):
-        try:
-            held.append(await open_session(url, source, ping_interval=None))
-        except Refused as exc:
-            refused[exc.error] += 1
+    todo = iter(range(count))
+
+    async def worker() -> None:
+        for _ in todo:
+            try:
+                held.append(await open_session(url, source, ping_interval=None, **kwargs))
+            except Refused as exc:
+                refused[exc.error] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return held, refused
 
 
