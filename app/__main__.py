@@ -30,7 +30,7 @@ from app.core.edge import EdgeHttpProtocol, EdgeLimits
 from app.core.websocket_protocol import GuardedWebSocketProtocol
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app did not start
-FD_RESERVE = 100  # file descriptors kept for models, logs, the listener (the server uses ~40)
+FD_RESERVE = 100  # file descriptors kept for models, logs, the listener (~15 when idle)
 
 log = logging.getLogger("app.server")
 
@@ -59,6 +59,13 @@ def edge_limits(settings: Settings) -> EdgeLimits:
     )
 
 
+def http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
+    """The edge protocol with the settings' limits; uvicorn's own if ``EDGE_LIMITS`` is off."""
+    if not settings.edge_limits:
+        return "httptools"
+    return EdgeHttpProtocol.with_limits(edge_limits(settings))
+
+
 def websocket_protocol() -> type[asyncio.Protocol] | str:
     """The WebSocket protocol class uvicorn upgrades connections to: websockets-sansio, plus a
     cut-off for clients that leave replies unread past ``ECHO_SEND_TIMEOUT_S``."""
@@ -72,7 +79,9 @@ def server_config(settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=EdgeHttpProtocol.with_limits(edge_limits(settings)),
+        http=EdgeHttpProtocol.with_limits(edge_limits(settings))
+        if settings.edge_limits
+        else "httptools",
         ws=websocket_protocol(),
         ws_max_size=settings.echo_max_frame_bytes,
         ws_per_message_deflate=settings.echo_ws_compression,

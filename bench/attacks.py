@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 
 @dataclass
@@ -35,16 +35,21 @@ class Refused(Exception):
 async def open_session(
     url: str, source: str, timeout: float = 10.0, **kwargs: Any
 ) -> tuple[ClientConnection, dict[str, Any]]:
-    """An open connection from ``source`` and its session frame; raises ``Refused``."""
-    ws = await connect(
-        url,
-        proxy=None,
-        compression=None,
-        open_timeout=timeout,
-        local_addr=(source, 0),
-        max_size=None,
-        **kwargs,
-    )
+    """An open connection from ``source`` and its session frame; raises ``Refused`` (a close
+    code and reason, or an HTTP status refusing the upgrade as ``http_<status>``)."""
+    try:
+        ws = await connect(
+            url,
+            proxy=None,
+            compression=None,
+            open_timeout=timeout,
+            local_addr=(source, 0),
+            max_size=None,
+            **kwargs,
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        raise Refused(status, f"http_{status}: {exc.response.body[:100]!r}") from None
     try:
         frame = orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
     except ConnectionClosed as exc:
@@ -98,18 +103,25 @@ async def churn(
     return result
 
 
-async def hoard(url: str, source: str, count: int) -> tuple[list[Any], Counter[str]]:
+async def hoard(
+    url: str, source: str, count: int, concurrency: int = 8, **kwargs: Any
+) -> tuple[list[Any], Counter[str]]:
     """Open up to ``count`` sessions from ``source`` and keep them open, sending nothing.
 
     Returns the (connection, session frame) pairs that were admitted and the refusals by code.
     """
     held: list[Any] = []
     refused: Counter[str] = Counter()
-    for _ in range(count):
-        try:
-            held.append(await open_session(url, source, ping_interval=None))
-        except Refused as exc:
-            refused[exc.error] += 1
+    todo = iter(range(count))
+
+    async def worker() -> None:
+        for _ in todo:
+            try:
+                held.append(await open_session(url, source, ping_interval=None, **kwargs))
+            except Refused as exc:
+                refused[exc.error] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return held, refused
 
 

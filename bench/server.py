@@ -61,6 +61,8 @@ BENCH_ENV = {
     "ECHO_MAX_SESSIONS_PER_CLIENT": "1000000",
     "ECHO_NEW_SESSIONS_PER_S": "1000000",
     "ECHO_NEW_SESSIONS_BURST": "1000000",
+    "MAX_CONNECTIONS": "1000000",
+    "MAX_CONNECTIONS_PER_CLIENT": "1000000",
 }
 
 
@@ -71,7 +73,7 @@ def _raise_fd_limit() -> None:  # runs in the child before exec: 1,000 sessions 
 
 @dataclass
 class Server:
-    """A running ``uvicorn app.main:app`` and how long it took to come up."""
+    """A running server and how long it took to come up."""
 
     proc: subprocess.Popen[bytes]
     port: int
@@ -97,18 +99,18 @@ def start(
     log_path: Path,
     cwd: Path = REPO,
     timeout: float = 120.0,
-    app: str = "app.main:app",
-    launcher: bool = False,
+    app: str | None = None,
 ) -> Server:
-    """Start ``uvicorn app`` (``launcher``: ``python -m app``, the service's own launcher with
-    its WebSocket guard) with ``env`` added to ours; return once /readyz is 200."""
+    """Start the service with ``python -m app`` (``uvicorn app`` for another ASGI app, and in a
+    checkout older than the launcher) with ``env`` added to ours; return once /readyz is 200."""
     port = free_port()
-    env = {**BENCH_ENV, **env}
+    env = {**BENCH_ENV, "HOST": "127.0.0.1", "PORT": str(port), **env}
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env}
-    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-    if launcher:
+    if app is None and (cwd / "app" / "__main__.py").exists():
         cmd = [sys.executable, "-m", "app"]
-        full_env |= {"HOST": "127.0.0.1", "PORT": str(port)}
+    else:
+        app = app or "app.main:app"
+        cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         t0 = time.perf_counter()

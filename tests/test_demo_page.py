@@ -46,7 +46,7 @@ def open_page(browser: Browser) -> Iterator:
     """
     contexts, problems = [], []
 
-    def opener(base_url: str, **context_args) -> Page:
+    def opener(base_url: str, wait_open: bool = True, **context_args) -> Page:
         context = browser.new_context(**context_args)
         contexts.append(context)
         page = context.new_page()
@@ -56,7 +56,8 @@ def open_page(browser: Browser) -> Iterator:
             lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text),
         )
         page.goto(f"{base_url}/")
-        expect(page.locator("#echo")).to_have_attribute("data-state", "open", timeout=15_000)
+        if wait_open:
+            expect(page.locator("#echo")).to_have_attribute("data-state", "open", timeout=15_000)
         return page
 
     yield opener
@@ -226,12 +227,22 @@ def test_error_frames_and_close_reasons_are_shown_in_words(
 def test_a_stopped_server_shows_an_error_and_the_page_recovers(
     tmp_path: Path, open_page, mnist: MnistData
 ) -> None:
+    """A deployment with API keys restarts: the page asks for the key once, says what is wrong
+    while the server is away, and works again when it is back on the same port."""
     port = free_port()
-    quick = {"DIGIT_XLA": "false"}  # no XLA compile: a faster start, same answers
+    # No XLA compile (a faster start, same answers); API keys on, as docs/security.md describes.
+    env = {"DIGIT_XLA": "false", "API_KEYS": "first-key,second-key"}
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
-    with start_server(tmp_path / "first", quick, port=port) as server:
-        page = open_page(server.base_url)
+    with start_server(tmp_path / "first", env, port=port) as server:
+        page = open_page(server.base_url, wait_open=False)
+        expect(page.locator("#key-form")).to_be_visible()
+        expect(page.locator("#echo-error")).to_contain_text("unauthorized: this service needs")
+        for key in ("wrong-key", "second-key"):
+            page.fill("#key-input", key)
+            page.press("#key-input", "Enter")
+        expect(page.locator("#echo")).to_have_attribute("data-state", "open")
+        expect(page.locator("#key-form")).to_be_hidden()
         send_typed(page, "0110")
         settle(page)
     expect(page.locator("#echo-error")).to_contain_text("Connection closed")
@@ -239,7 +250,7 @@ def test_a_stopped_server_shows_an_error_and_the_page_recovers(
     trace_digit(page, mnist.x_test[0])
     expect(page.locator("#digit-status")).to_contain_text("Cannot reach the server")
 
-    with start_server(tmp_path / "second", quick, port=port):
+    with start_server(tmp_path / "second", env, port=port):
         # The new process has no sessions: the page says so and starts a new one.
         expect(page.locator("#echo-status")).to_have_text(
             "Connected (new session).", timeout=60_000

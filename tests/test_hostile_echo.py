@@ -1,8 +1,9 @@
 """Echo sessions nobody can hoard: hostile clients against the real server (``python -m app``).
 
 Attackers and the well-behaved client ("victim") connect from different loopback addresses
-(victim 127.0.0.2, hoarder 127.0.0.3, never-reader 127.0.0.4, churner 127.0.0.5), so the
-per-address limits tell them apart. Caps and timeouts are small so that each case is quick.
+(victim 127.0.0.2, hoarder 127.0.0.3, never-reader 127.0.0.4, churner 127.0.0.5; a trusted proxy
+127.0.0.9 and an untrusted peer 127.0.0.6 sending X-Forwarded-For), so the per-address limits
+tell them apart. Caps and timeouts are small so that each case is quick.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from tests.live_server import LiveServer, start_server, wait_until
 pytestmark = pytest.mark.slow
 
 VICTIM, HOARDER, NEVER_READER, CHURNER = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
-MAX_SESSIONS, PER_CLIENT, BURST = 500, 100, 2100
-IDLE_S, SEND_TIMEOUT_S = 3.0, 2.0
+PROXY, UNTRUSTED = "127.0.0.9", "127.0.0.6"  # only PROXY's X-Forwarded-For names the client
+MAX_SESSIONS, PER_CLIENT, BURST = 500, 40, 2100  # PER_CLIENT under MAX_CONNECTIONS_PER_CLIENT
+IDLE_S, SEND_TIMEOUT_S = 5.0, 2.0
 ENV = {
     "ECHO_MAX_SESSIONS": str(MAX_SESSIONS),
     "ECHO_MAX_SESSIONS_PER_CLIENT": str(PER_CLIENT),
@@ -41,6 +43,7 @@ ENV = {
     "ECHO_NEW_SESSIONS_PER_S": "1",
     "ECHO_IDLE_TIMEOUT_S": str(IDLE_S),
     "ECHO_SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
+    "TRUSTED_PROXIES": PROXY,
 }
 
 
@@ -166,3 +169,32 @@ def test_a_client_that_never_reads_is_cut_off_and_its_session_resumable(
 
     frame = asyncio.run(resume())  # detached at once: not refused with session_in_use
     assert frame["resumed"] is True and frame["seq"] > 0
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_is_the_client(server: LiveServer) -> None:
+    """Per-client session limits key on X-Forwarded-For from TRUSTED_PROXIES, and only there."""
+    url = f"{server.ws_url}/echo"
+
+    def xff(client: str) -> dict[str, Any]:
+        return {"additional_headers": {"X-Forwarded-For": client}}
+
+    async def scenario() -> None:
+        held: list[Any] = []
+        try:
+            # One client behind the proxy takes its whole share; another one is its own client.
+            for peer, client, expect in [
+                (PROXY, "198.51.100.1", PER_CLIENT),
+                (PROXY, "198.51.100.2", PER_CLIENT),
+                (UNTRUSTED, "203.0.113.1", PER_CLIENT),  # untrusted peer: header ignored,
+            ]:
+                got, refused = await hoard(url, peer, PER_CLIENT + 5, **xff(client))
+                held += got
+                assert len(got) == expect, (peer, client, refused)
+                assert refused == {"too_many_sessions_from_client": 5}, refused
+            got, refused = await hoard(url, UNTRUSTED, 5, **xff("203.0.113.2"))  # still the peer
+            held += got
+            assert not got and refused == {"too_many_sessions_from_client": 5}, refused
+        finally:
+            await asyncio.gather(*(ws.close() for ws, _ in held))
+
+    asyncio.run(scenario())

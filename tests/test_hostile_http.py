@@ -14,6 +14,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -21,8 +22,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from app.__main__ import edge_limits
 from app.api.echo import FrameError, parse_frame
 from app.core.config import Settings
+from app.core.edge import EdgeLimits
 from tests.live_server import LiveServer, start_server, wait_until
 
 pytestmark = pytest.mark.slow
@@ -233,11 +236,20 @@ def test_50_mb_of_headers_get_431_and_are_never_buffered(edge: LiveServer) -> No
 def test_an_over_long_request_line_gets_414_and_the_connection_closes(
     edge: LiveServer, request_head: bytes
 ) -> None:
+    before = refusals(edge, "url_too_long")
     with dial(edge) as sock:
         sock.sendall(request_head.replace(b" HTTP/1.1", b"?q=" + b"a" * 9000 + b" HTTP/1.1", 1))
         data, closed = read_to_eof(sock)
     assert closed
     refused(data, 414, "url_too_long")
+    assert refusals(edge, "url_too_long") == before + 1
+
+
+def refusals(server: LiveServer, reason: str) -> float:
+    """``http_edge_refusals_total{reason}`` from the server's /metrics."""
+    text = httpx.get(f"{server.base_url}/metrics").text
+    line = f'http_edge_refusals_total{{reason="{reason}"}} '
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
 
 
 def test_too_many_or_too_long_header_lines_get_431(edge: LiveServer) -> None:
@@ -308,3 +320,10 @@ def test_a_stalled_request_body_gets_408(edge: LiveServer) -> None:
     assert closed
     refused(data, 408, "body_timeout")
     assert time.monotonic() - start > TIMEOUT / 2
+
+
+def test_the_edge_defaults_are_the_settings_defaults() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    configured = edge_limits(settings)
+    assert replace(configured, max_connections=settings.max_connections) == EdgeLimits()
+    assert configured.max_connections <= settings.max_connections  # lowered to the fd limit

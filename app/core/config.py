@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     timeout_keep_alive_s: float = Field(
         5.0, gt=0, description="An idle keep-alive connection is closed after this."
     )
+    edge_limits: bool = Field(
+        True, description="False: plain uvicorn HTTP, none of the limits below (a proxy's job)."
+    )
     timeout_header_s: float = Field(
         10.0, gt=0, description="A request head not complete this long after it began: 408."
     )

@@ -12,8 +12,8 @@ client gets (refusals are ``{"error": ..., "detail": ...}`` with ``Connection: c
 - no body bytes for ``TIMEOUT_BODY_S`` while the app waits for them → 408 (the app sees a
   disconnect); after the response has started, the connection is closed;
 - ``MAX_CONNECTIONS`` connections open (HTTP and WebSocket), or ``MAX_CONNECTIONS_PER_CLIENT``
-  from one peer address (``TRUSTED_PROXIES`` exempt) → 503 with ``Retry-After``, answered once
-  the request head arrives (at most ``REFUSED_WAIT_S``), and not counted as open;
+  from one peer address or IPv6 /64 (``TRUSTED_PROXIES`` exempt) → 503 with ``Retry-After``,
+  answered once the request head arrives (at most ``REFUSED_WAIT_S``), not counted as open;
 - idle keep-alive: uvicorn closes after ``TIMEOUT_KEEP_ALIVE_S``.
 
 After a refusal the server half-closes, drops what still arrives and closes ``LINGER_S`` later,
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar
 
 import httptools
@@ -33,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from websockets import http11
 
 from app.core.metrics import HTTP_EDGE_REFUSALS
+from app.services.client_limits import client_key
 
 MAX_URL_BYTES = 8000  # under the WebSocket layer's own line limit (websockets: 8,192)
 MAX_HEADER_LINE_BYTES = 8000
@@ -63,6 +65,14 @@ class EdgeLimits:
         return any(address in net for net in self.trusted_proxies)
 
 
+_client_key = lru_cache(maxsize=4096)(client_key)  # an address, or its IPv6 /64
+
+
+def _host(connection: object) -> str | None:
+    client = getattr(connection, "client", None)  # HTTP and WebSocket protocols alike
+    return client[0] if client else None
+
+
 class Refusal(Exception):
     """An answer the edge gives instead of the app (raised inside parser callbacks)."""
 
@@ -85,6 +95,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.url = b""
         self._reading_head = True  # until the current request's headers are complete
         self._head_bytes = 0  # bytes received while reading the current head
+        self._header_bytes = 0  # its header lines, as parsed
         self._last_data = 0.0
         self._pending: Refusal | None = None  # the answer once the head is in (connection cap)
         self._refused = False
@@ -109,8 +120,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         per_client = limits.max_connections_per_client
         if open_now <= per_client or self.client is None or limits.trusted(self.client[0]):
             return None
-        host = self.client[0]
-        mine = sum(1 for c in self.connections if (getattr(c, "client", None) or ("",))[0] == host)
+        key = _client_key(self.client[0])
+        mine = sum(1 for c in self.connections if _client_key(_host(c)) == key)
         if mine > per_client:
             return f"this address has its maximum of {per_client} connections open"
         return None
@@ -166,7 +177,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             raise Refusal(414, "url_too_long", limit)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) + 2 > MAX_HEADER_LINE_BYTES or len(self.headers) >= MAX_HEADERS:
+        line = len(name) + len(value) + 4
+        self._header_bytes += line
+        if line > MAX_HEADER_LINE_BYTES or len(self.headers) >= MAX_HEADERS:
             raise self._head_too_large()
         super().on_header(name, value)
 
@@ -175,14 +188,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         if self._pending is not None:
             raise self._pending
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self.limits.max_header_bytes:
+        if len(self.url) + self._header_bytes > self.limits.max_header_bytes:
             raise self._head_too_large()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._reading_head, self._head_bytes = True, 0
+        self._reading_head, self._head_bytes, self._header_bytes = True, 0, 0
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
