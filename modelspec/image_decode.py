@@ -74,6 +74,9 @@ def load_grayscale(
 ) -> np.ndarray:
     """Decode to uint8 grayscale [h, w], at most about ``REDUCE_SIDE`` a side; refuse non-images
     (415), pictures over the limits (413) and odd shapes (422) before decoding."""
+    webp = _webp_size(data)
+    if webp is not None:  # Pillow's WebP decoder allocates its canvases as it opens the file
+        check_size(webp, max_pixels // _COPIES["WEBP"], max_side)
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -119,6 +122,25 @@ def check_size(size: tuple[int, int], max_pixels: int, max_side: int) -> None:
             f"image is {width}×{height} pixels; the longer side may be at most "
             f"{MAX_ASPECT} times the shorter"
         )
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """The canvas size in a WebP file's first chunk (VP8X, lossless VP8L or lossy VP8), read
+    before Pillow opens it; ``None`` if ``data`` is not a WebP file."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or len(data) < 30:
+        return None
+    kind = data[12:16]
+    if kind == b"VP8X":
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if kind == b"VP8L":
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if kind == b"VP8 ":
+        return (
+            int.from_bytes(data[26:28], "little") & 0x3FFF,
+            int.from_bytes(data[28:30], "little") & 0x3FFF,
+        )
+    return None
 
 
 def _check_jpeg(img: JpegImagePlugin.JpegImageFile, data: bytes, max_pixels: int) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from modelspec import imaging
+from modelspec import image_decode, imaging
 from modelspec.imaging import (
     BlankImageError,
     ImageError,
@@ -223,3 +223,11 @@ def test_progressive_jpeg_over_the_memory_budget_is_refused() -> None:
     assert extent(preprocess_digit(data, max_pixels=1_500_000))[0] == 20  # budget 6 MB
     with pytest.raises(ImageTooLargeError, match="progressive"):
         preprocess_digit(data, max_pixels=1_400_000)
+
+
+@pytest.mark.parametrize("kw", [{"lossless": True}, {"quality": 80}, {"save_all": True}])
+def test_webp_size_is_read_before_pillow_opens_it(kw: dict) -> None:
+    data = encode(Image.new("RGB", (4100, 1000)), "WEBP", **kw)
+    assert image_decode._webp_size(data) == (4100, 1000)
+    with pytest.raises(ImageTooLargeError):  # a quarter of the budget: its decoder keeps copies
+        preprocess_digit(data, max_pixels=16_000_000)

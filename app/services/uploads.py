@@ -29,11 +29,19 @@ _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim"
 
 
 def _preprocess(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
+    """``preprocess_digit`` in a worker thread, then the allocator hands the picture's pages back
+    to the OS. A refusal is re-raised without its traceback, whose frames would otherwise keep
+    the decoder's objects alive (past the trim) until the next garbage collection."""
+    failure: ImageError | None = None
     try:
         return preprocess_digit(data, max_pixels, max_side)
+    except ImageError as exc:
+        failure = type(exc)(str(exc))
     finally:
-        if _malloc_trim is not None:  # glibc: hand the decoded picture's pages back to the OS
+        if _malloc_trim is not None:  # glibc
             _malloc_trim(0)
+    assert failure is not None
+    raise failure
 
 
 class UploadLimiter:
