@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import select
 import socket
 import time
@@ -327,3 +328,34 @@ def test_the_edge_defaults_are_the_settings_defaults() -> None:
     configured = edge_limits(settings)
     assert replace(configured, max_connections=settings.max_connections) == EdgeLimits()
     assert configured.max_connections <= settings.max_connections  # lowered to the fd limit
+
+
+def test_a_connection_flood_under_a_small_fd_limit_leaves_another_address_served(
+    tmp_path: Path,
+) -> None:
+    """The issue's 1,100 never-sending connections against a 1,024-descriptor limit, scaled:
+    600 at a time against 256. The cap is lowered to fit and refusals hold no descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.ExitStack() as stack:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the server only
+        try:
+            server = stack.enter_context(start_server(tmp_path))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert "MAX_CONNECTIONS lowered" in server.log_text()
+        slowest = 0.0
+        for _ in range(3):
+            flood = []
+            try:
+                for _ in range(600):
+                    with contextlib.suppress(OSError):
+                        flood.append(dial(server))
+                t0 = time.monotonic()
+                assert get(server, "/livez", "127.0.0.2")[0] == 200
+                slowest = max(slowest, time.monotonic() - t0)
+            finally:
+                for sock in flood:
+                    sock.close()
+        fds = len(list(Path(f"/proc/{server.process.pid}/fd").iterdir()))
+    assert slowest < 3, f"another address waited {slowest:.1f} s"
+    assert fds < 200

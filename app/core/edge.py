@@ -14,6 +14,8 @@ client gets (refusals are ``{"error": ..., "detail": ...}`` with ``Connection: c
 - ``MAX_CONNECTIONS`` connections open (HTTP and WebSocket), or ``MAX_CONNECTIONS_PER_CLIENT``
   from one peer address or IPv6 /64 (``TRUSTED_PROXIES`` exempt) → 503 with ``Retry-After``,
   answered once the request head arrives (at most ``REFUSED_WAIT_S``), not counted as open;
+  with ``MAX_WAITING_REFUSALS`` already waiting (a flood), closed at once without an answer,
+  so that refusals never hold more than that many file descriptors;
 - idle keep-alive: uvicorn closes after ``TIMEOUT_KEEP_ALIVE_S``.
 
 After a refusal the server half-closes, drops what still arrives and closes ``LINGER_S`` later,
@@ -40,10 +42,12 @@ MAX_URL_BYTES = 8000  # under the WebSocket layer's own line limit (websockets: 
 MAX_HEADER_LINE_BYTES = 8000
 MAX_HEADERS = 100  # websockets: 128
 REFUSED_WAIT_S = 1.0
+MAX_WAITING_REFUSALS = 64  # refused connections waiting for their head; beyond, closed at once
 LINGER_S = 1.0
 assert MAX_URL_BYTES + 32 < http11.MAX_LINE_LENGTH and MAX_HEADERS < http11.MAX_NUM_HEADERS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_waiting_refusals = [0]  # in this process (one server)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         wait = self.limits.timeout_header_s
         if reason := self._over_capacity():
             self.connections.discard(self)  # a refused connection does not hold a place
+            if _waiting_refusals[0] >= MAX_WAITING_REFUSALS:  # a flood: no file descriptor
+                HTTP_EDGE_REFUSALS.labels("too_many_connections_dropped").inc()  # waits
+                self._refused = True
+                transport.close()
+                return
+            _waiting_refusals[0] += 1
             self._pending = Refusal(503, "too_many_connections", reason)
             wait = min(wait, REFUSED_WAIT_S)
         self._arm_head_timer(wait)
@@ -128,6 +138,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        if self._pending is not None:
+            _waiting_refusals[0] -= 1
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self) -> None:
