@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from app.__main__ import edge_limits
-from app.api.echo import FrameError, parse_frame
+from app.api.echo_frames import FrameError, parse_frame
 from app.core.config import Settings
 from app.core.edge import EdgeLimits
 from tests.live_server import LiveServer, start_server, wait_until
