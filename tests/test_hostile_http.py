@@ -359,3 +359,18 @@ def test_a_connection_flood_under_a_small_fd_limit_leaves_another_address_served
         fds = len(list(Path(f"/proc/{server.process.pid}/fd").iterdir()))
     assert slowest < 3, f"another address waited {slowest:.1f} s"
     assert fds < 200
+
+
+def test_a_client_that_never_reads_its_responses_is_cut_off(edge: LiveServer) -> None:
+    before = refusals(edge, "send_timeout")
+    requests = b"GET /static/digits.js HTTP/1.1\r\nHost: t\r\n\r\n" * 2000  # ~18 MB of answers
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.connect(("127.0.0.1", int(edge.base_url.rsplit(":", 1)[1])))
+        sock.sendall(requests)  # and read nothing
+        wait_until(lambda: refusals(edge, "send_timeout") > before, TIMEOUT + 13, "a cut-off")
+        received, closed = read_to_eof(sock, 10)
+    finally:
+        sock.close()
+    assert closed and received.count(b"HTTP/1.1 200") < 2000

@@ -95,7 +95,9 @@ class Settings(BaseSettings):
         10.0, gt=0, description="A request head not complete this long after it began: 408."
     )
     timeout_body_s: float = Field(
-        10.0, gt=0, description="No request body bytes for this long while awaited: 408."
+        10.0,
+        gt=0,
+        description="A request body stalled this long: 408; responses unread this long: cut off.",
     )
     max_header_bytes: int = Field(
         16_384, ge=1024, description="Largest request line + headers (431); URL at most 8,000."

@@ -16,6 +16,7 @@ client gets (refusals are ``{"error": ..., "detail": ...}`` with ``Connection: c
   answered once the request head arrives (at most ``REFUSED_WAIT_S``), not counted as open;
   with ``MAX_WAITING_REFUSALS`` already waiting (a flood), closed at once without an answer,
   so that refusals never hold more than that many file descriptors;
+- responses left unread (writing paused) for ``TIMEOUT_BODY_S`` → the connection is aborted;
 - idle keep-alive: uvicorn closes after ``TIMEOUT_KEEP_ALIVE_S``.
 
 After a refusal the server half-closes, drops what still arrives and closes ``LINGER_S`` later,
@@ -105,6 +106,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
 
     # Connections
 
@@ -255,11 +257,31 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def pause_writing(self) -> None:  # the client stopped reading; a timer starts
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.timeout_body_s, self._cut_off)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _cut_off(self) -> None:
+        """Responses stayed unread for the whole timeout: drop the connection and its buffer."""
+        self._write_timer = None
+        HTTP_EDGE_REFUSALS.labels("send_timeout").inc()
+        self.transport.abort()
+
     def _cancel_timers(self) -> None:
         self._cancel_head_timer()
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     # Answering
 
