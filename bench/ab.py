@@ -1,7 +1,8 @@
 """Side-by-side A/B of server configurations on one scenario, in alternating rounds.
 
     python -m bench.ab digits:64:1 --config base= --config off=BATCHING_ENABLED=false --rounds 3
-    python -m bench.ab echo:1000:1 --config sansio= --config old=@app.main:app,UVICORN_WS=websockets
+    python -m bench.ab echo:1000:1 --config sansio=@app.main:app \
+        --config legacy=@app.main:app,UVICORN_WS=websockets
     python -m bench.ab digits:64:1 --config service= --config floor=@bench.floor:app
     python -m bench.ab digits:64:1 --config edge= --config plain=EDGE_LIMITS=false --rounds 3
 
