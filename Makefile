@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The MNIST files: this checkout's ../shared/data/mnist unless MNIST_DIR says otherwise.
 export MNIST_DIR ?= $(abspath ../shared/data/mnist)
 
-.PHONY: install lint test serve train bench clean
+.PHONY: install lint browser test screenshots serve train bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# A Chromium for the page tests (tests/browser.py): finds one, else tries to get one.
+browser: install
+	$(PY) -m tests.browser --install
+
+test: lint browser
 	$(VENV)/bin/pytest
+
+# Screenshots of the demo page for the README (docs/screenshots/); tests never write there.
+screenshots: install browser
+	$(PY) -m tests.screenshots
 
 serve: install
 	$(PY) -m app
@@ -33,6 +41,11 @@ train: install
 
 bench: install
 	$(PY) -m bench.run
+
+# Hostile /echo clients against the real server for SOAK_SECONDS (default 1800); RSS/fds flat.
+SOAK_SECONDS ?= 1800
+soak: install
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

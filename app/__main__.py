@@ -7,29 +7,69 @@ deployment gets the same bounds:
   are buffered further; permessage-deflate is off unless ``ECHO_WS_COMPRESSION`` (no inflation).
 - ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed only from ``TRUSTED_PROXIES``
   (uvicorn's own default would trust 127.0.0.1).
-- Idle keep-alive connections close after ``TIMEOUT_KEEP_ALIVE_S``; SIGTERM lets in-flight
-  requests finish for ``TIMEOUT_GRACEFUL_SHUTDOWN_S``.
+- A WebSocket client that leaves its replies unread for ``ECHO_SEND_TIMEOUT_S`` is cut off
+  (``app.core.websocket_protocol``).
+- HTTP/1.1 is served by :class:`app.core.edge.EdgeHttpProtocol`: header size, header and body
+  read timeouts, connection caps (``MAX_CONNECTIONS``, at most the file-descriptor limit less
+  ``FD_RESERVE``), idle keep-alive close after ``TIMEOUT_KEEP_ALIVE_S``.
+- SIGTERM lets in-flight requests finish for ``TIMEOUT_GRACEFUL_SHUTDOWN_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
+import resource
 import sys
 
 import uvicorn
 
 from app.core.config import Settings, get_settings
+from app.core.edge import EdgeHttpProtocol, EdgeLimits
+from app.core.websocket_protocol import GuardedWebSocketProtocol
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app did not start
+FD_RESERVE = 100  # file descriptors kept for models, logs, the listener (~15 when idle)
+
+log = logging.getLogger("app.server")
 
 
 def trusted_proxies(settings: Settings) -> list[str]:
     return [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
 
 
+def connection_cap(settings: Settings) -> int:
+    """``MAX_CONNECTIONS``, lowered so that accepting never runs out of file descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections
+    return max(1, min(settings.max_connections, soft - FD_RESERVE))
+
+
+def edge_limits(settings: Settings) -> EdgeLimits:
+    proxies = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies(settings))
+    return EdgeLimits(
+        max_header_bytes=settings.max_header_bytes,
+        timeout_header_s=settings.timeout_header_s,
+        timeout_body_s=settings.timeout_body_s,
+        max_connections=connection_cap(settings),
+        max_connections_per_client=settings.max_connections_per_client,
+        trusted_proxies=proxies,
+    )
+
+
+def http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
+    """The edge protocol with the settings' limits; uvicorn's own if ``EDGE_LIMITS`` is off."""
+    if not settings.edge_limits:
+        return "httptools"
+    return EdgeHttpProtocol.with_limits(edge_limits(settings))
+
+
 def websocket_protocol() -> type[asyncio.Protocol] | str:
-    """The WebSocket protocol class uvicorn upgrades connections to."""
-    return "websockets-sansio"
+    """The WebSocket protocol class uvicorn upgrades connections to: websockets-sansio, plus a
+    cut-off for clients that leave replies unread past ``ECHO_SEND_TIMEOUT_S``."""
+    return GuardedWebSocketProtocol
 
 
 def server_config(settings: Settings) -> uvicorn.Config:
@@ -39,7 +79,9 @@ def server_config(settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=EdgeHttpProtocol.with_limits(edge_limits(settings))
+        if settings.edge_limits
+        else "httptools",
         ws=websocket_protocol(),
         ws_max_size=settings.echo_max_frame_bytes,
         ws_per_message_deflate=settings.echo_ws_compression,
@@ -47,11 +89,20 @@ def server_config(settings: Settings) -> uvicorn.Config:
         forwarded_allow_ips=proxies,
         timeout_keep_alive=settings.timeout_keep_alive_s,  # type: ignore[arg-type]  # a float works
         timeout_graceful_shutdown=settings.timeout_graceful_shutdown_s,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # (if h11 ever serves)
     )
 
 
 def main() -> None:
-    server = uvicorn.Server(server_config(get_settings()))
+    settings = get_settings()
+    config = server_config(settings)
+    cap = connection_cap(settings)
+    if cap < settings.max_connections:
+        log.warning(
+            "MAX_CONNECTIONS lowered to fit the file-descriptor limit",
+            extra={"max_connections": cap, "configured": settings.max_connections},
+        )
+    server = uvicorn.Server(config)
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)

@@ -18,15 +18,17 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
-from app.api import digits, echo, health, pages, v2
+from app.api import digits, echo, health, pages, v2, v2_fast
 from app.api.errors import install_error_handlers
 from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
+from app.core.security import add_access_control
 from app.services.digit_service import DigitService
 from app.services.echo_service import EchoService
 from app.services.models import ModelRegistry
+from app.services.uploads import UploadLimiter
 from app.state import AppState, Lifecycle
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
     )
-    app.state = AppState(settings)  # type: ignore[assignment]
+    uploads = UploadLimiter(
+        settings.max_concurrent_uploads, settings.max_image_pixels, settings.max_image_side
+    )
+    app.state = AppState(settings, uploads=uploads)  # type: ignore[assignment]
     install_error_handlers(app)
+    app.add_middleware(v2_fast.V2InferFastPath)  # v2 infer requests skip the routing layers
+    add_access_control(app, settings)  # API keys, browser origins (app.core.security)
     app.add_middleware(RequestGuard, max_body=settings.max_request_bytes)  # outermost
     app.include_router(health.router)
     app.include_router(digits.router)

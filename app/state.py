@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from app.services.digit_service import DigitService
     from app.services.echo_service import EchoService
     from app.services.models import ModelRegistry
+    from app.services.uploads import UploadLimiter
 
 
 @dataclass
@@ -38,6 +39,7 @@ class AppState:
     registry: ModelRegistry | None = None
     digits: DigitService | None = None
     echo: EchoService | None = None
+    uploads: UploadLimiter | None = None
 
     def digit_service(self) -> DigitService:
         """The digit service if it serves now; ``NotReady`` otherwise."""

@@ -1,13 +1,16 @@
 """Side-by-side A/B of server configurations on one scenario, in alternating rounds.
 
     python -m bench.ab digits:64:1 --config base= --config off=BATCHING_ENABLED=false --rounds 3
-    python -m bench.ab echo:1000:1 --config sansio= --config legacy=UVICORN_WS=websockets
+    python -m bench.ab echo:1000:1 --config sansio=@app.main:app \
+        --config legacy=@app.main:app,UVICORN_WS=websockets
     python -m bench.ab digits:64:1 --config service= --config floor=@bench.floor:app
+    python -m bench.ab digits:64:1 --config edge= --config plain=EDGE_LIMITS=false --rounds 3
 
-Each ``--config NAME=ENV`` starts one server (``ENV``: comma-separated ``KEY=VALUE`` pairs added to
-the environment; ``UVICORN_*`` variables set uvicorn options; ``@module:app`` serves another ASGI
-app). All servers stay up; every round drives each of them in turn with ``bench.loadgen``, so
-slow drifts of a shared machine hit all configurations alike. Prints one line per measurement.
+Each ``--config NAME=ENV`` starts one server, ``python -m app`` (``ENV``: comma-separated
+``KEY=VALUE`` pairs added to the environment; ``@module:app`` serves another ASGI app with the
+``uvicorn`` command, whose options ``UVICORN_*`` variables set). All servers stay up; every round
+drives each of them in turn with ``bench.loadgen``, so slow drifts of a shared machine hit all
+configurations alike. Prints one line per measurement.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from pathlib import Path
 from bench import server
 
 
-def parse_config(text: str) -> tuple[str, dict[str, str], str]:
+def parse_config(text: str) -> tuple[str, dict[str, str], str | None]:
     name, _, spec = text.partition("=")
-    app, env = "app.main:app", {}
+    app: str | None = None  # the service, python -m app
+    env: dict[str, str] = {}
     for item in filter(None, spec.split(",")):
         if item.startswith("@"):
             app = item[1:]

@@ -1,7 +1,7 @@
 """Run the whole benchmark: ``.venv/bin/python -m bench.run [--quick] [--out DIR]``.
 
 1. raw in-process model throughput (``bench.raw``, its own process, no server running);
-2. for batching on, then off: a fresh ``uvicorn app.main:app`` subprocess, driven by the load
+2. for batching on, then off: a fresh ``python -m app`` subprocess, driven by the load
    generator (``bench.loadgen``, another process) through every digits and echo scenario;
 3. extra cold starts (process start → ``/readyz`` 200);
 4. results table (Markdown + JSON) and plot (PNG) in ``--out`` (default ``bench/results/``);
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         dest="cwd",
         type=Path,
         default=REPO,
-        help="where to start uvicorn app.main:app (default: this repository)",
+        help="where to start python -m app (default: this repository)",
     )
     ap.add_argument("--log-level", help="server LOG_LEVEL (default: the service's own, INFO)")
     ap.add_argument("--only", choices=["protocols"], help="run only this part")

@@ -55,6 +55,17 @@ def http_status(port: int, path: str, timeout: float = 2.0) -> int:
         conn.close()
 
 
+# The load generator opens thousands of echo sessions from one address: lift the per-client
+# limits that would refuse it (callers' env still wins).
+BENCH_ENV = {
+    "ECHO_MAX_SESSIONS_PER_CLIENT": "1000000",
+    "ECHO_NEW_SESSIONS_PER_S": "1000000",
+    "ECHO_NEW_SESSIONS_BURST": "1000000",
+    "MAX_CONNECTIONS": "1000000",
+    "MAX_CONNECTIONS_PER_CLIENT": "1000000",
+}
+
+
 def _raise_fd_limit() -> None:  # runs in the child before exec: 1,000 sessions need the fds
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
@@ -62,7 +73,7 @@ def _raise_fd_limit() -> None:  # runs in the child before exec: 1,000 sessions 
 
 @dataclass
 class Server:
-    """A running ``uvicorn app.main:app`` and how long it took to come up."""
+    """A running server and how long it took to come up."""
 
     proc: subprocess.Popen[bytes]
     port: int
@@ -88,17 +99,23 @@ def start(
     log_path: Path,
     cwd: Path = REPO,
     timeout: float = 120.0,
-    app: str = "app.main:app",
+    app: str | None = None,
 ) -> Server:
-    """Start ``uvicorn app`` with ``env`` added to ours; return once /readyz is 200."""
+    """Start the service with ``python -m app`` (``uvicorn app`` for another ASGI app, and in a
+    checkout older than the launcher) with ``env`` added to ours; return once /readyz is 200."""
     port = free_port()
+    env = {**BENCH_ENV, "HOST": "127.0.0.1", "PORT": str(port), **env}
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env}
-    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
+    if app is None and (cwd / "app" / "__main__.py").exists():
+        cmd = [sys.executable, "-m", "app"]
+    else:
+        app = app or "app.main:app"
+        cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [*cmd, "--port", str(port)],
+            cmd,
             cwd=cwd,
             env=full_env,
             stdout=log,

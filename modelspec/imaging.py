@@ -4,8 +4,9 @@
 float32 [28, 28] in [0, 1], white ink on black. It repeats what the MNIST authors did to the NIST
 scans, after normalising the photo:
 
-1. decode (size checked from the header before any pixel is decoded), apply the EXIF rotation,
-   flatten transparency, convert to grayscale;
+1. decode within bounds (``modelspec.image_decode``: size, side and aspect checked from the
+   header, reduced decoding to about 1024 px a side), apply the EXIF rotation, flatten
+   transparency, convert to grayscale;
 2. detect a light background (dark ink on paper) and invert, so the ink is bright;
 3. subtract the background level and the noise floor, stretch the ink to [0, 1];
 4. crop to the digit's bounding box (isolated specks filtered out);
@@ -17,15 +18,29 @@ scans, after normalising the photo:
 from __future__ import annotations
 
 import functools
-import io
 import math
-import warnings
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter
 
-# Pillow warns (and raises at 2×) above Image.MAX_IMAGE_PIXELS; make the warning an error too.
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+from modelspec.image_decode import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    BlankImageError,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    load_grayscale,
+)
+
+__all__ = [
+    "BlankImageError",
+    "ImageError",
+    "ImageTooLargeError",
+    "UnsupportedImageError",
+    "load_grayscale",
+    "preprocess_digit",
+]
 
 FRAME = 28  # MNIST frame side
 BOX = 20  # MNIST fits each digit into BOX×BOX inside the frame
@@ -36,82 +51,13 @@ MIN_CONTRAST = 24.0  # of 255: less than this between background and ink is a bl
 MASK_LEVEL = 0.15  # ink level that counts towards the bounding box
 MIN_STROKE = 1.0  # px in the 20-px box (MNIST: 99 % are wider); thinner strokes are thickened …
 TARGET_STROKE = 2.0  # … to this (MNIST's median stroke width, by the same 2·area/perimeter)
-DEFAULT_MAX_PIXELS = 25_000_000
 
 
-class ImageError(ValueError):
-    """An upload that cannot be turned into a digit; ``status`` and ``code`` are for the API."""
-
-    status = 422
-    code = "invalid_image"
-
-
-class UnsupportedImageError(ImageError):
-    status, code = 415, "unsupported_image"
-
-
-class ImageTooLargeError(ImageError):
-    status, code = 413, "image_too_large"
-
-
-class BlankImageError(ImageError):
-    status, code = 422, "blank_image"
-
-
-def preprocess_digit(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess_digit(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE
+) -> np.ndarray:
     """Image file bytes → float32 [28, 28] in [0, 1] (see the module docstring)."""
-    return mnist_normalize(ink_image(load_grayscale(data, max_pixels)))
-
-
-def load_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode to uint8 grayscale [h, w]; refuse non-images (415) and bombs (413) before decoding."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"image too large: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise UnsupportedImageError(
-            "not an image, or a format that cannot be read (send PNG, JPEG, GIF, BMP, TIFF, WebP…)"
-        ) from exc
-    except Exception as exc:  # Pillow's plugins raise many types for a malformed header
-        raise ImageError(f"cannot read the image header: {exc}") from exc
-    with img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"image is {width}×{height} pixels, over the limit of {max_pixels} pixels"
-            )
-        if width < 1 or height < 1:
-            raise ImageError("image has no pixels")
-        img.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG: decode at a reduced scale, in grayscale
-        try:
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_gray(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image too large: {exc}") from exc
-        except Exception as exc:
-            raise ImageError(f"cannot decode the image (truncated or corrupt?): {exc}") from exc
-
-
-def _to_gray(img: Image.Image) -> np.ndarray:
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "L")
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return scaled.astype(np.uint8)
-    if "A" not in img.mode and img.mode != "RGBa":
-        return np.asarray(img.convert("L"), dtype=np.uint8)
-    la = np.asarray(img.convert("LA"), dtype=np.float32)
-    gray, alpha = la[..., 0], la[..., 1] / 255.0
-    if alpha.min() >= 1.0:
-        return gray.astype(np.uint8)
-    # Flatten onto the tone that contrasts with the opaque strokes (dark strokes → white).
-    opaque_tone = float((gray * alpha).sum() / max(alpha.sum(), 1e-6))
-    background = 255.0 if opaque_tone < 128 else 0.0
-    return (gray * alpha + background * (1.0 - alpha)).astype(np.uint8)
+    return mnist_normalize(ink_image(load_grayscale(data, max_pixels, max_side)))
 
 
 def ink_image(gray: np.ndarray) -> np.ndarray:

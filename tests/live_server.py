@@ -57,10 +57,17 @@ def wait_until(predicate, timeout: float, what: str, server: LiveServer | None =
 
 @contextmanager
 def start_server(
-    log_dir: Path, env: dict[str, str] | None = None, wait_ready: bool = True, timeout: float = 90
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    timeout: float = 90,
+    port: int | None = None,
 ) -> Iterator[LiveServer]:
-    """Run ``python -m app`` with ``env`` added to the environment; stop it afterwards."""
-    port = free_port()
+    """Run ``python -m app`` with ``env`` added to the environment; stop it afterwards.
+
+    ``port``: listen there (e.g. to restart a server where clients expect it), else a free one.
+    """
+    port = port or free_port()
     log_path = Path(log_dir) / f"server-{port}.log"
     full_env = {
         **os.environ,

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -215,20 +214,32 @@ def test_every_server_frame_matches_its_documented_schema(live_server: LiveServe
 
 
 def test_ttl_eviction_and_session_cap(tmp_path: Path) -> None:
+    """Only attached sessions fill the server; at the cap the LRU detached one makes room."""
     env = {"ECHO_SESSION_TTL_S": "2", "ECHO_MAX_SESSIONS": "2"}
     with start_server(tmp_path, env=env) as server:
-        with session(server) as (a, frame_a), session(server) as (b, _):
+        with session(server) as (a, frame_a), session(server) as (b, frame_b):
             code, reason = refusal(server)
             assert code == 1013 and reason.startswith("too_many_sessions:")
             assert send_bits(a, [1, 0, 0, 0])["bits"] == [0, 0, 0, 1]  # others unaffected
             assert send_bits(b, [1])["seq"] == 1
+        # b detached first, then a; resuming a makes b the least recently used.
         with session(server, resume_query(frame_a)) as (a, again):  # within the TTL
             assert again["resumed"] and send_bits(a, [1])["seq"] == 2
-        assert refusal(server)[0] == 1013  # both sessions are still kept, resumable
-        time.sleep(3.0)  # > TTL + one sweep (every TTL / 4): the sweeper evicts both
+        with session(server) as (_, fresh):  # full of detached sessions: b is evicted
+            assert fresh["resumed"] is False
+        code, reason = refusal(server, resume_query(frame_b))
+        assert code == 1008 and reason.startswith("session_evicted:")
+
+        def evicted(why: str) -> float:
+            text = httpx.get(f"{server.base_url}/metrics").text
+            line = f'echo_sessions_evicted_total{{why="{why}"}} '
+            return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0)
+
+        assert evicted("lru") == 1
+        wait_until(lambda: evicted("ttl") >= 2, 30, "the sweeper to evict a and fresh", server)
         code, reason = refusal(server, resume_query(frame_a))
         assert code == 1008 and reason.startswith("session_not_found:")
-        with session(server) as (_, fresh):  # eviction freed the places
+        with session(server) as (_, fresh):
             assert fresh["resumed"] is False
         metrics = httpx.get(f"{server.base_url}/metrics").text
         assert "echo_stored_sessions 1.0" in metrics

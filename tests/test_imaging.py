@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from modelspec import imaging
+from modelspec import image_decode, imaging
 from modelspec.imaging import (
     BlankImageError,
     ImageError,
@@ -172,3 +172,62 @@ def test_pixel_limit_is_configurable() -> None:
     data = encode(np.zeros((100, 100), np.uint8))
     with pytest.raises(ImageTooLargeError):
         preprocess_digit(data, max_pixels=9_999)
+
+
+@pytest.mark.parametrize(("width", "height"), [(1_000_000, 1), (1, 1_000_000), (8193, 500)])
+def test_strips_and_long_sides_are_refused_before_decoding(width: int, height: int) -> None:
+    with pytest.raises(ImageTooLargeError) as info:
+        preprocess_digit(bomb_png(width, height))
+    assert info.value.status == 413
+
+
+def test_a_picture_thinner_than_the_aspect_limit_is_refused() -> None:
+    with pytest.raises(ImageError, match="20 times") as info:
+        preprocess_digit(bomb_png(2100, 100))
+    assert (info.value.status, info.value.code) == (422, "invalid_image")
+
+
+def test_exif_rotation_is_applied_after_reducing() -> None:
+    upright = np.zeros((2400, 1600), np.uint8)
+    upright[300:2100, 700:900] = 255  # a tall "1" with a foot
+    upright[1900:2100, 400:1200] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90° anticlockwise: show it turned 90° clockwise
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    expected = preprocess_digit(encode(upright))
+    assert np.abs(preprocess_digit(encode(stored, exif=exif)) - expected).mean() < 0.02
+
+
+def test_only_the_first_frame_of_an_animation_counts() -> None:
+    tall, wide = (np.zeros((300, 300), np.uint8) for _ in range(2))
+    tall[50:250, 140:160] = 255
+    wide[140:160, 50:250] = 255
+    frames = [Image.fromarray(a) for a in (tall, wide)]
+    for fmt in ("GIF", "PNG", "TIFF"):
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+        assert extent(preprocess_digit(data)) == (20, pytest.approx(2, abs=1)), fmt
+
+
+def test_big_palette_picture_with_transparency() -> None:
+    img = Image.new("P", (3000, 3000), 0)
+    img.putpalette([0, 0, 0, 20, 20, 20])
+    ImageDraw.Draw(img).line([(1500, 300), (1500, 2700)], fill=1, width=150)
+    out = preprocess_digit(encode(img, transparency=0))  # dark strokes on a transparent page
+    assert extent(out) == (20, pytest.approx(2, abs=1))
+
+
+def test_progressive_jpeg_over_the_memory_budget_is_refused() -> None:
+    img = Image.new("RGB", (1000, 1000), "white")
+    ImageDraw.Draw(img).line([(500, 200), (500, 800)], fill="black", width=60)
+    data = encode(img, "JPEG", progressive=True, subsampling=0)  # 3 M coefficients (6 MB)
+    assert extent(preprocess_digit(data, max_pixels=1_500_000))[0] == 20  # budget 6 MB
+    with pytest.raises(ImageTooLargeError, match="progressive"):
+        preprocess_digit(data, max_pixels=1_400_000)
+
+
+@pytest.mark.parametrize("kw", [{"lossless": True}, {"quality": 80}, {"save_all": True}])
+def test_webp_size_is_read_before_pillow_opens_it(kw: dict) -> None:
+    data = encode(Image.new("RGB", (4100, 1000)), "WEBP", **kw)
+    assert image_decode._webp_size(data) == (4100, 1000)
+    with pytest.raises(ImageTooLargeError):  # a quarter of the budget: its decoder keeps copies
+        preprocess_digit(data, max_pixels=16_000_000)

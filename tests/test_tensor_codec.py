@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from app.api.digits import parse_json_images
+from app.api.digit_json import parse_json_images
 from app.api.v2 import PROTOCOL_STATUS, v2_error
 from app.api.v2_request import parse_infer, render_infer, wanted_outputs
 from app.services import errors as svc

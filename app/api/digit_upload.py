@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
@@ -10,14 +9,8 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from app.services.errors import InvalidInput, Malformed, ServiceError, TooLarge, UnsupportedMedia
+from app.services.errors import InvalidInput, Malformed
 from app.state import app_state
-from modelspec.imaging import (
-    ImageError,
-    ImageTooLargeError,
-    UnsupportedImageError,
-    preprocess_digit,
-)
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +30,7 @@ async def read_upload(request: Request) -> np.ndarray:
         await form.close()
     if not data:
         raise InvalidInput("the uploaded file is empty", "invalid_image")
-    max_pixels = app_state(request).settings.max_image_pixels
-    try:
-        image = await asyncio.to_thread(preprocess_digit, data, max_pixels)
-    except ImageError as exc:
-        raise _image_error(exc) from None
-    except Exception:  # never a 500 for a bad picture; the log keeps the cause
-        log.exception("image preprocessing failed")
-        raise InvalidInput("the picture could not be processed", "invalid_image") from None
+    uploads = app_state(request).uploads
+    assert uploads is not None, "create_app() sets the upload limiter"
+    image = await uploads.preprocess(data)  # app.services.uploads: bounded decoding
     return image[None]
-
-
-def _image_error(exc: ImageError) -> ServiceError:
-    """A picture that cannot be used, as the domain error of its kind (with its code)."""
-    if isinstance(exc, UnsupportedImageError):
-        return UnsupportedMedia(str(exc), exc.code)
-    if isinstance(exc, ImageTooLargeError):
-        return TooLarge(str(exc), exc.code)
-    return InvalidInput(str(exc), exc.code)

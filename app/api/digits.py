@@ -53,11 +53,11 @@ router.add_api_route(
         status: {"model": ErrorResponse, "description": text}
         for status, text in {
             400: "Malformed multipart body.",
-            413: "Body over the size limit, too many images, or a picture with too many pixels.",
+            413: "Body over the size limit, too many images, or a picture over a pixel limit.",
             415: "Neither JSON nor multipart, or an upload that is not a readable image.",
-            422: "Invalid JSON, wrong shape, non-numbers, values out of range, or no digit found.",
+            422: "Invalid JSON, wrong shape, values out of range, a thin strip, or no digit found.",
             500: "The model call failed (never a non-finite probability in an answer).",
-            503: "The model is not ready (loading or stopping).",
+            503: "The model is not ready (loading or stopping), or too many uploads at once.",
             504: "Inference did not finish within the request timeout.",
         }.items()
     },

@@ -14,6 +14,7 @@ calls, no per-message logging or pydantic.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -22,8 +23,8 @@ from starlette.types import Send
 from starlette.websockets import WebSocketDisconnect
 
 from app.api.echo_frames import FrameError, parse_frame
-from app.api.errors import close_code
-from app.core.metrics import ECHO_ERRORS
+from app.api.errors import close_code, close_reason
+from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import POLICY_VIOLATION, TRY_AGAIN_LATER, Session, SessionRefused
 from app.services.errors import GoingAway, ServiceError
@@ -33,6 +34,18 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["echo"])
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+class _Connection:
+    """The service's handle on a connection: end it with a domain error's close code."""
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
+
+    async def end(self, error: ServiceError) -> None:
+        await self._ws.close(close_code(error), close_reason(error))
 
 
 @router.websocket("/echo")
@@ -52,9 +65,15 @@ async def echo(
             raise SessionRefused(
                 POLICY_VIOLATION, "invalid_resume", "pass both session_id and token, or neither"
             )
-        session = service.open(session_id, token, websocket)
+        client = websocket.client.host if websocket.client else None
+        session = service.open(session_id, token, _Connection(websocket), client)
     except SessionRefused as exc:
+        ECHO_SESSIONS_REFUSED.labels(exc.reason.partition(":")[0]).inc()
         await websocket.close(exc.code, exc.reason)
+        return
+    except ServiceError as exc:
+        ECHO_SESSIONS_REFUSED.labels(exc.code).inc()
+        await websocket.close(close_code(exc), close_reason(exc))
         return
     ended = "disconnected"
     try:
@@ -84,9 +103,10 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
     # The raw ASGI callables under Starlette's state checks (a few % of the per-message CPU);
     # a send to a vanished client raises OSError (uvicorn's ClientDisconnected).
     receive, send = websocket._receive, websocket._send
-    dumps, frame_error = orjson.dumps, FrameError
+    dumps, frame_error, clock = orjson.dumps, FrameError, time.monotonic
     while True:
         message = await receive()
+        session.last_seen = clock()  # any frame counts against ECHO_IDLE_TIMEOUT_S
         text = message.get("text")
         if text is None:
             if message["type"] == "websocket.disconnect":

@@ -32,11 +32,13 @@ ERROR_MAP: tuple[tuple[type[svc.ServiceError], int, int], ...] = (
     (svc.TooLarge, 413, 1009),
     (svc.UnsupportedMedia, 415, 1003),
     (svc.Unauthorized, 401, 1008),
+    (svc.Forbidden, 403, 1008),
     (svc.NotFound, 404, 1008),
     (svc.Conflict, 409, 1013),
     (svc.NotReady, 503, 1013),
     (svc.Overloaded, 503, 1013),
     (svc.GoingAway, 503, 1001),
+    (svc.IdleTimeout, 408, 1001),
     (svc.DeadlineExceeded, 504, 1011),
     (svc.ModelFailed, 500, 1011),
 )
@@ -50,6 +52,14 @@ def http_status(exc: svc.ServiceError) -> int:
 def close_code(exc: svc.ServiceError) -> int:
     """The WebSocket close code of a domain error (1011 for an unmapped one)."""
     return next((code for cls, _, code in ERROR_MAP if isinstance(exc, cls)), 1011)
+
+
+def close_reason(exc: svc.ServiceError) -> str:
+    """A WebSocket close reason ``"<code>: <detail>"``, cut to the 123 bytes a close frame holds."""
+    reason = f"{exc.code}: {exc.detail}"
+    if len(reason.encode()) > 123:
+        reason = reason.encode()[:123].decode(errors="ignore")
+    return reason
 
 
 def error_response(

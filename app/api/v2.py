@@ -102,9 +102,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _state(request: Request) -> Any:
+def _state(app: Any) -> Any:
     """The application's state: the one place the v2 routes read it."""
-    return request.app.state
+    return app.state
 
 
 def _model(state: Any, name: str, version: str | None) -> ServedModel:
@@ -172,7 +172,7 @@ async def server_live() -> dict[str, bool]:
     responses={503: {"model": schema.ServerReady}},
 )
 async def server_ready(request: Request) -> OrjsonResponse:
-    ready = _state(request).lifecycle.status == "ready"
+    ready = _state(request.app).lifecycle.status == "ready"
     return OrjsonResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
@@ -190,26 +190,26 @@ READY = {
 
 @router.get("/models/{model_name}", **METADATA)
 async def model_metadata(request: Request, model_name: str) -> dict[str, Any]:
-    return _metadata(_model(_state(request), model_name, None))
+    return _metadata(_model(_state(request.app), model_name, None))
 
 
 @router.get("/models/{model_name}/versions/{model_version}", **METADATA)
 async def model_version_metadata(
     request: Request, model_name: str, model_version: str
 ) -> dict[str, Any]:
-    return _metadata(_model(_state(request), model_name, model_version))
+    return _metadata(_model(_state(request.app), model_name, model_version))
 
 
 @router.get("/models/{model_name}/ready", **READY)
 async def model_ready(request: Request, model_name: str) -> OrjsonResponse:
-    return _ready_response(_state(request), model_name, None)
+    return _ready_response(_state(request.app), model_name, None)
 
 
 @router.get("/models/{model_name}/versions/{model_version}/ready", **READY)
 async def model_version_ready(
     request: Request, model_name: str, model_version: str
 ) -> OrjsonResponse:
-    return _ready_response(_state(request), model_name, model_version)
+    return _ready_response(_state(request.app), model_name, model_version)
 
 
 def _ready_response(state: Any, name: str, version: str | None) -> OrjsonResponse:
@@ -219,9 +219,24 @@ def _ready_response(state: Any, name: str, version: str | None) -> OrjsonRespons
 
 async def infer(request: Request) -> Response:
     """Classify digits: input ``images`` FP32 [n, 28, 28] in [0, 1] or UINT8 0–255."""
-    state = _state(request)
     params = request.path_params
-    model = _model(state, params["model_name"], params.get("model_version"))
+    body = await request.body()
+    content, headers = await infer_body(
+        request.app,
+        params["model_name"],
+        params.get("model_version"),
+        body,
+        request.headers.get(HEADER_LENGTH),
+    )
+    return Response(content, headers=headers)
+
+
+async def infer_body(
+    app: Any, name: str, version: str | None, body: bytes, header_length: str | None
+) -> tuple[bytes, dict[str, str]]:
+    """An infer request's body → the response body and headers (``V2InferFastPath`` too)."""
+    state = _state(app)
+    model = _model(state, name, version)
     if model.name != DIGIT_MODEL:
         raise svc.InvalidInput(
             f"{model.name} is stateful: stream its bits over the WebSocket /echo (sessions that "
@@ -229,8 +244,6 @@ async def infer(request: Request) -> Response:
             "stateful_model",
         )
     settings = state.settings
-    body = await request.body()
-    header_length = request.headers.get(HEADER_LENGTH)
     parsed, tensors = parse_infer(body, header_length, settings.max_request_bytes)
     outputs = wanted_outputs(parsed, DIGIT_OUTPUTS)
     if len(tensors) != 1 or tensors[0].name != DIGIT_INPUT:
@@ -245,10 +258,9 @@ async def infer(request: Request) -> Response:
     images = tensor_codec.digit_images(tensor.name, tensor.datatype, tensor.decode())
     probs = await _predict(state, images)
     arrays = {DIGIT_OUTPUT: probs, DIGIT_LABEL: probs.argmax(axis=1).astype(np.int64)}
-    content, headers = render_infer(
+    return render_infer(
         model.name, str(model.version), parsed.id, [(n, arrays[n], b) for n, b in outputs]
     )
-    return Response(content, headers=headers)
 
 
 async def _predict(state: Any, images: np.ndarray) -> np.ndarray:
@@ -263,7 +275,8 @@ def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-for _path in ("/models/{model_name}/infer", "/models/{model_name}/versions/{model_version}/infer"):
+INFER_PATHS = ("/models/{model_name}/infer", "/models/{model_name}/versions/{model_version}/infer")
+for _path in INFER_PATHS:
     router.add_api_route(
         _path,
         infer,
@@ -286,3 +299,4 @@ for _path in ("/models/{model_name}/infer", "/models/{model_name}/versions/{mode
             "parameters": [_path_param(p) for p in ("model_name", "model_version") if p in _path],
         },
     )
+INFER_ROUTES = tuple(r for r in router.routes if getattr(r, "endpoint", None) is infer)

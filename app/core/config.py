@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,7 +23,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest request body.")
     max_batch_images: int = Field(256, gt=0, description="Most images in one request.")
     max_image_pixels: int = Field(
-        25_000_000, gt=0, description="Largest decoded upload (width×height); guards bombs."
+        16_000_000, gt=0, description="Most pixels (width×height) in an uploaded picture."
+    )
+    max_image_side: int = Field(8192, gt=0, description="Longest side of an uploaded picture.")
+    max_concurrent_uploads: int = Field(
+        2, gt=0, description="Uploads decoded at once; more get 503 `too_many_uploads`."
     )
     request_timeout_s: float = Field(10.0, gt=0, description="Inference deadline per request.")
 
@@ -44,12 +48,34 @@ class Settings(BaseSettings):
     )
 
     # Echo sessions
-    echo_session_ttl_s: float = Field(300.0, gt=0, description="Idle time before eviction.")
-    echo_max_sessions: int = Field(10_000, gt=0, description="Cap on live sessions.")
+    echo_session_ttl_s: float = Field(
+        300.0, gt=0, description="How long a detached session stays resumable."
+    )
+    echo_max_sessions: int = Field(
+        10_000, gt=0, description="Cap on kept sessions; at it the LRU detached one goes."
+    )
     echo_max_frame_bytes: int = Field(
         65_536, gt=0, description="Largest client message; larger ones close the connection (1009)."
     )
     echo_max_bits_per_message: int = Field(4096, gt=0, description="Most bits in one frame.")
+    echo_idle_timeout_s: float = Field(
+        120.0, gt=0, description="A connection that sends nothing this long is closed (1001)."
+    )
+    echo_send_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose replies stay unread this long is cut off."
+    )
+    echo_send_buffer_bytes: int = Field(
+        262_144, gt=0, description="Kernel send buffer (SO_SNDBUF) of each /echo connection."
+    )
+    echo_max_sessions_per_client: int = Field(
+        500, gt=0, description="Most open sessions per client address (IPv6: per /64)."
+    )
+    echo_new_sessions_per_s: float = Field(
+        50.0, gt=0, description="New sessions per second per client address, sustained."
+    )
+    echo_new_sessions_burst: int = Field(
+        500, gt=0, description="New sessions per client address in a burst."
+    )
 
     # Server (``python -m app``)
     host: str = Field("127.0.0.1", description="Address to listen on (the image sets 0.0.0.0).")
@@ -62,11 +88,41 @@ class Settings(BaseSettings):
     timeout_keep_alive_s: float = Field(
         5.0, gt=0, description="An idle keep-alive connection is closed after this."
     )
+    edge_limits: bool = Field(
+        True, description="False: plain uvicorn HTTP, none of the limits below (a proxy's job)."
+    )
+    timeout_header_s: float = Field(
+        10.0, gt=0, description="A request head not complete this long after it began: 408."
+    )
+    timeout_body_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request body stalled this long: 408; responses unread this long: cut off.",
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="Largest request line + headers (431); URL at most 8,000."
+    )
+    max_connections: int = Field(
+        1000, gt=0, description="Open connections (HTTP + WebSocket); more get 503 (fd-capped)."
+    )
+    max_connections_per_client: int = Field(
+        64, gt=0, description="Open connections from one peer address (trusted proxies exempt)."
+    )
     timeout_graceful_shutdown_s: float = Field(
         15.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
     )
     echo_ws_compression: bool = Field(
         False, description="Offer permessage-deflate on /echo (frames are a few hundred bytes)."
+    )
+
+    # Access control (off by default; app/core/security.py, docs/security.md)
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Comma-separated API keys; set, every route but the public ones needs one.",
+    )
+    cors_allow_origins: str = Field(
+        "",
+        description="Comma-separated browser origins (`*`: any) allowed the API and /echo.",
     )
 
     # Logging

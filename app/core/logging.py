@@ -1,8 +1,14 @@
-"""JSON logs: one object per line on stdout, nothing from request bodies."""
+"""JSON logs: one object per line on stdout, nothing from request bodies, no credentials.
+
+Query-string values that grant access (``session_id`` and ``token`` of an echo resume URL,
+``access_token`` and ``key`` API keys) are replaced by ``[redacted]`` in every record, uvicorn's
+included (it logs each WebSocket handshake's path with its query string).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from functools import lru_cache
@@ -11,6 +17,13 @@ from typing import Any
 import orjson
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+SECRET_PARAMS = ("access_token", "api_key", "key", "session_id", "token")
+_SECRET_QUERY = re.compile(rf"([?&;](?:{'|'.join(SECRET_PARAMS)})=)[^&#\s\"']*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of the ``SECRET_PARAMS`` query parameters replaced."""
+    return _SECRET_QUERY.sub(r"\1[redacted]", text) if "=" in text else text
 
 
 @lru_cache(maxsize=4)
@@ -32,11 +45,13 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
-        entry.update((k, v) for k, v in record.__dict__.items() if k not in _STANDARD)
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD:
+                entry[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
 
 

@@ -118,3 +118,21 @@ ECHO_ACTIVE_SESSIONS = Gauge("echo_active_sessions", "Echo sessions with an open
 ECHO_STORED_SESSIONS = Gauge("echo_stored_sessions", "Echo sessions kept (open or resumable).")
 ECHO_MESSAGES = Counter("echo_messages_total", "Echo messages answered.")
 ECHO_ERRORS = Counter("echo_errors_total", "Echo error frames sent, by code.", ["code"])
+ECHO_SESSIONS_REFUSED = Counter(
+    "echo_sessions_refused_total", "Echo connections refused a session, by reason.", ["reason"]
+)
+ECHO_SESSIONS_EVICTED = Counter(
+    "echo_sessions_evicted_total",
+    "Detached echo sessions dropped: ttl (unused too long) or lru (room for a new one).",
+    ["why"],
+)
+ECHO_CUT_OFF = Counter(
+    "echo_connections_cut_off_total",
+    "Echo connections the server ended: idle_timeout (sent nothing), send_timeout (never read).",
+    ["why"],
+)
+HTTP_EDGE_REFUSALS = Counter(
+    "http_edge_refusals_total",
+    "Connections answered and closed by the HTTP edge (app/core/edge.py), by reason.",
+    ["reason"],
+)

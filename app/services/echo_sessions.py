@@ -3,6 +3,10 @@
 A session owns a *slot*, a row of :attr:`SessionStore.states` (``[capacity, state_dim]``,
 float32), so the batcher gathers and scatters the states of many sessions with one fancy-index
 each instead of stacking small arrays. The matrix grows by doubling up to the session cap.
+
+Only attached sessions can fill the store: at the cap, the least recently used detached session
+is evicted to admit a new one (its later resume is told ``session_evicted``). Detached sessions
+are kept in least-recently-used order, so eviction (by TTL or by LRU) costs O(evicted).
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
-from app.core.metrics import ECHO_ACTIVE_SESSIONS, ECHO_STORED_SESSIONS
+from app.core.metrics import ECHO_ACTIVE_SESSIONS, ECHO_SESSIONS_EVICTED, ECHO_STORED_SESSIONS
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ class Session:
         self.id, self.token, self.slot = session_id, token, slot
         self.seq = 0  # echo replies so far; the next one carries seq + 1
         self.attached = False
-        self.last_seen = time.monotonic()
+        self.last_seen = time.monotonic()  # attached: last client message; detached: detach time
 
 
 class SessionStore:
@@ -55,18 +60,30 @@ class SessionStore:
         self.states = np.tile(self.initial, (capacity, 1))
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low slots first
         self.sessions: dict[str, Session] = {}
+        self._detached: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._evicted: OrderedDict[str, None] = OrderedDict()  # recent LRU victims, bounded
 
     def __len__(self) -> int:
         return len(self.sessions)
 
     def create(self) -> Session:
-        """A new attached session in the initial state (refused with 1013 at the cap)."""
+        """A new attached session in the initial state; evicts the LRU detached one at the cap.
+
+        Refused with 1013 only when all ``max_sessions`` sessions are attached.
+        """
         if len(self.sessions) >= self.max_sessions:
-            raise SessionRefused(
-                TRY_AGAIN_LATER,
-                "too_many_sessions",
-                f"the server holds its maximum of {self.max_sessions} sessions; retry later",
-            )
+            if not self._detached:
+                raise SessionRefused(
+                    TRY_AGAIN_LATER,
+                    "too_many_sessions",
+                    f"the server holds its maximum of {self.max_sessions} open sessions",
+                )
+            _, victim = self._detached.popitem(last=False)
+            self._drop(victim)
+            self._evicted[victim.id] = None
+            if len(self._evicted) > self.max_sessions:
+                self._evicted.popitem(last=False)
+            ECHO_SESSIONS_EVICTED.labels("lru").inc()
         if not self._free:
             self._grow()
         slot = self._free.pop()
@@ -85,6 +102,12 @@ class SessionStore:
             self._drop(session)
             session = None
         if session is None:
+            if session_id in self._evicted:
+                raise SessionRefused(
+                    POLICY_VIOLATION,
+                    "session_evicted",
+                    "the server was full and evicted this detached session for a new one",
+                )
             raise SessionRefused(
                 POLICY_VIOLATION, "session_not_found", "unknown or expired session_id"
             )
@@ -106,6 +129,7 @@ class SessionStore:
             return
         session.attached = False
         session.last_seen = time.monotonic()
+        self._detached[session.id] = session
         ECHO_ACTIVE_SESSIONS.dec()
         log.info(
             "echo session detached", extra={"session": session.id, "seq": session.seq, **log_extra}
@@ -116,12 +140,19 @@ class SessionStore:
 
     def evict_expired(self) -> int:
         """Drop detached sessions idle for longer than ``ttl_s``; returns how many."""
-        expired = [s for s in self.sessions.values() if not s.attached and self._expired(s)]
-        for session in expired:
-            self._drop(session)
+        expired = 0
+        while self._detached and self._expired(next(iter(self._detached.values()))):
+            self._drop(self._detached.popitem(last=False)[1])
+            expired += 1
         if expired:
-            log.info("echo sessions evicted", extra={"count": len(expired)})
-        return len(expired)
+            ECHO_SESSIONS_EVICTED.labels("ttl").inc(expired)
+            log.info("echo sessions evicted", extra={"count": expired})
+        return expired
+
+    def idle_attached(self, idle_s: float) -> list[Session]:
+        """Attached sessions whose connection sent nothing for longer than ``idle_s``."""
+        since = time.monotonic() - idle_s
+        return [s for s in self.sessions.values() if s.attached and s.last_seen < since]
 
     def clear(self) -> None:
         for session in list(self.sessions.values()):
@@ -132,12 +163,14 @@ class SessionStore:
         return time.monotonic() - session.last_seen > self.ttl_s
 
     def _attach(self, session: Session) -> None:
+        self._detached.pop(session.id, None)
         session.attached = True
         session.last_seen = time.monotonic()
         ECHO_ACTIVE_SESSIONS.inc()
 
     def _drop(self, session: Session) -> None:
         del self.sessions[session.id]
+        self._detached.pop(session.id, None)
         self._free.append(session.slot)
         ECHO_STORED_SESSIONS.set(len(self.sessions))
 

@@ -50,6 +50,12 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """A credential or origin that is not allowed this (HTTP 403, WebSocket 1008)."""
+
+    code = "forbidden"
+
+
 class NotFound(ServiceError):
     """An unknown model, version or session (HTTP 404, WebSocket 1008)."""
 
@@ -82,6 +88,12 @@ class GoingAway(ServiceError):
     """The server ends a connection: it is shutting down (HTTP 503, WebSocket 1001)."""
 
     code = "going_away"
+
+
+class IdleTimeout(ServiceError):
+    """A connection sent nothing for too long and is closed (HTTP 408, WebSocket 1001)."""
+
+    code = "idle_timeout"
 
 
 class DeadlineExceeded(ServiceError):

@@ -4,7 +4,15 @@
 // 20×20 by area averaging, centre by mass in 28×28) and sent as 784 JSON pixels; "PNG upload"
 // sends the canvas itself through the server's photo preprocessing instead. bench/page_digits.py
 // compared the two on real MNIST digits traced onto the canvas (see the README).
-import { $, describeHttpError, describeNetworkError, jsonOrNull, setStatus } from "./util.js";
+import {
+  $,
+  askForKey,
+  authHeaders,
+  describeHttpError,
+  describeNetworkError,
+  jsonOrNull,
+  setStatus,
+} from "./util.js";
 
 const SIDE = 280;
 const BRUSH = 22; // px on the 280-px canvas: ~2.2 MNIST pixels, MNIST's typical stroke
@@ -203,7 +211,8 @@ async function predictDrawing() {
 async function request(init, seq) {
   let response;
   try {
-    response = await fetch("/predict/digit", init);
+    const headers = { ...init.headers, ...authHeaders() };
+    response = await fetch("/predict/digit", { ...init, headers });
   } catch {
     setStatus(status, describeNetworkError(), "error");
     result.dataset.error = "network";
@@ -211,6 +220,7 @@ async function request(init, seq) {
   }
   const body = await jsonOrNull(response);
   if (!response.ok || !body) {
+    if (response.status === 401) askForKey();
     setStatus(status, describeHttpError(response.status, body), "error");
     result.dataset.error = String(response.status);
     return;
@@ -249,7 +259,7 @@ function showResult(body, seq) {
 
 // ---- clear, photo upload, model name
 $("digit-clear").addEventListener("click", clearCanvas);
-$("digit-mode").addEventListener("change", () => schedule(0));
+$("digit-mode").addEventListener("change", () => changed());
 $("digit-file").addEventListener("change", async (event) => {
   const file = event.target.files[0];
   if (!file) return;
@@ -263,16 +273,25 @@ $("digit-file").addEventListener("change", async (event) => {
   await request({ method: "POST", body: form }, "photo");
 });
 
-fetch("/v1/models")
-  .then((r) => (r.ok ? r.json() : null))
-  .then((body) => {
-    const model = body && body.models.find((m) => m.name === "mnist_lstm");
-    const acc = model && model.metrics.test_accuracy;
-    if (model) {
-      const text = `${model.name} v${model.version}`;
-      $("digit-model").textContent = acc ? `${text}, ${(100 * acc).toFixed(2)} % on MNIST's test set` : text;
-    }
-  })
-  .catch(() => {});
+function showModel() {
+  fetch("/v1/models", { headers: authHeaders() })
+    .then((r) => (r.ok ? r.json() : null))
+    .then((body) => {
+      const model = body && body.models.find((m) => m.name === "mnist_lstm");
+      const acc = model && model.metrics.test_accuracy;
+      if (model) {
+        const text = `${model.name} v${model.version}`;
+        $("digit-model").textContent = acc
+          ? `${text}, ${(100 * acc).toFixed(2)} % on MNIST's test set`
+          : text;
+      }
+    })
+    .catch(() => {});
+}
 
+window.addEventListener("api-key", () => {
+  showModel();
+  changed();
+});
+showModel();
 clearCanvas();

@@ -17,7 +17,15 @@ const COLUMN = 8; // px per bit
 /** Draw `points` ({x, t, p, ok, reset, lost}) onto the 2D context of `canvas`. */
 export function drawPlot(canvas, points) {
   const ctx = canvas.getContext("2d");
-  const { width, height } = canvas;
+  // Draw at the displayed size (CSS pixels × device pixels), so text stays readable on phones.
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || canvas.width;
+  const height = canvas.clientHeight || canvas.height;
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   const strip = height / 3;
   const bar = strip - 14;
   ctx.clearRect(0, 0, width, height);

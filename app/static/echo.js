@@ -5,7 +5,7 @@
 // again, and the stream continues exactly. Replies come in order, one per message, so each
 // answer belongs to the oldest message still pending.
 import { drawPlot } from "./echo-plot.js";
-import { $, Backoff, describeClose, setStatus } from "./util.js";
+import { $, apiKey, askForKey, Backoff, describeClose, setStatus } from "./util.js";
 
 const STORE = "echo-demo";
 const KEEP = 400; // points kept for the plot
@@ -54,11 +54,13 @@ function connect() {
   clearTimeout(retryTimer);
   retryTimer = null;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  let url = `${scheme}//${location.host}/echo`;
+  const q = new URLSearchParams();
   if (state.sessionId) {
-    const q = new URLSearchParams({ session_id: state.sessionId, token: state.token });
-    url += `?${q}`;
+    q.set("session_id", state.sessionId);
+    q.set("token", state.token);
   }
+  if (apiKey()) q.set("access_token", apiKey()); // a browser cannot send headers here
+  const url = `${scheme}//${location.host}/echo${q.size ? `?${q}` : ""}`;
   setStatus(status, state.sessionId ? "Resuming the session…" : "Connecting…", "busy");
   panel.dataset.state = "connecting";
   const socket = new WebSocket(url);
@@ -75,7 +77,13 @@ function onClose(code, reason) {
   panel.dataset.state = "closed";
   if (leaving) return;
   const words = describeClose(code, reason);
-  if (code === 1008 && state.sessionId) {
+  if (reason.startsWith("unauthorized")) {
+    askForKey(); // connect again once a key is given
+    showError(`Connection refused: ${words}.`);
+    setStatus(status, "Not connected: waiting for an API key.", "error");
+    return;
+  }
+  if (code === 1008 && /^(session_not_found|invalid_token|invalid_resume)/.test(reason)) {
     // session_not_found / invalid_token / invalid_resume: that session is gone for good.
     showError(`The server ended the old session: ${words}. Starting a new session.`);
     state = fresh(state.echoStep);
@@ -213,21 +221,21 @@ function setRunning(on) {
   $("echo-start").setAttribute("aria-pressed", String(on));
 }
 
-// ---- the view
+// ---- the view: numbers at once (tests and screen readers read them), the plot once per frame
 function redraw() {
+  const { scored, correct } = state;
+  const pct = (100 * correct) / scored;
+  $("echo-accuracy").textContent = scored ? `${correct === scored ? 100 : pct.toFixed(1)} %` : "–";
+  $("echo-scored").textContent = String(scored);
+  $("echo-sent").textContent = String(state.sent);
+  $("echo-seq").textContent = String(state.seq);
+  $("echo-session").textContent = state.sessionId || "–";
+  panel.dataset.pending = String(state.pending.length);
   if (drawQueued) return;
   drawQueued = true;
   requestAnimationFrame(() => {
     drawQueued = false;
     drawPlot($("echo-plot"), state.points);
-    const { scored, correct } = state;
-    const pct = (100 * correct) / scored;
-    $("echo-accuracy").textContent = scored ? `${correct === scored ? 100 : pct.toFixed(1)} %` : "–";
-    $("echo-scored").textContent = String(scored);
-    $("echo-sent").textContent = String(state.sent);
-    $("echo-seq").textContent = String(state.seq);
-    $("echo-session").textContent = state.sessionId || "–";
-    panel.dataset.pending = String(state.pending.length);
   });
 }
 
@@ -264,6 +272,10 @@ window.addEventListener("pageshow", (event) => {
   connect();
 });
 
+window.addEventListener("resize", redraw);
+window.addEventListener("api-key", () => {
+  if (!ws) connect();
+});
 setInterval(() => tick(performance.now()), TICK_MS);
 redraw();
 connect();

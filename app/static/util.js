@@ -2,6 +2,28 @@
 
 export const $ = (id) => document.getElementById(id);
 
+// ---- an API key, for a service run with API_KEYS (docs/security.md); kept for this tab only
+const KEY = "api-key";
+
+export const apiKey = () => sessionStorage.getItem(KEY) || "";
+
+/** Headers for an API call: the key as a bearer token, when there is one. */
+export const authHeaders = () => (apiKey() ? { authorization: `Bearer ${apiKey()}` } : {});
+
+/** The server wants a key: show the key form (saving it fires "api-key" on window). */
+export function askForKey() {
+  $("key-form").hidden = false;
+}
+
+// Module scripts run once the document is parsed, so the form is there.
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, $("key-input").value.trim());
+  $("key-input").value = "";
+  $("key-form").hidden = true;
+  window.dispatchEvent(new Event("api-key"));
+});
+
 /** Show `text` in a status line; `kind` ("ok", "busy", "error") picks its colour. */
 export function setStatus(el, text, kind = "ok") {
   el.textContent = text;

@@ -1,0 +1,123 @@
+"""Per-client limits on echo sessions: a creation-rate token bucket and a cap on attached ones.
+
+A *client* is the connection's address (``scope["client"]``; uvicorn replaces it with the
+``X-Forwarded-For`` address only for the proxies it trusts). IPv6 addresses are grouped by their
+/64 network, the block one host usually gets. The table forgets a client once it holds no
+session and its bucket has refilled (it would start the same), and never keeps more than
+``max_clients`` entries, so a flood of addresses cannot grow it without bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.services.errors import Overloaded
+
+
+@dataclass(slots=True)
+class _Client:
+    tokens: float
+    refilled_at: float
+    attached: int = 0
+
+
+def client_key(host: str | None) -> str:
+    """The limits' key of a client address: itself, or its /64 network for IPv6."""
+    if not host:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
+
+
+class ClientLimits:
+    """Admit or refuse a client's new or resumed session; count its attached sessions."""
+
+    def __init__(
+        self,
+        new_per_s: float,
+        burst: int,
+        max_attached: int,
+        max_clients: int = 65_536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate, self.burst, self.max_attached = new_per_s, float(burst), max_attached
+        self.max_clients, self.clock = max_clients, clock
+        self._clients: OrderedDict[str, _Client] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def admit(self, key: str, new: bool) -> None:
+        """Count one more attached session for ``key``, or raise ``Overloaded`` (nothing counted).
+
+        ``new`` sessions also take a token from the client's creation bucket; resumes do not.
+        """
+        client = self._get(key)
+        if client.attached >= self.max_attached:
+            raise Overloaded(
+                f"this address already holds {self.max_attached} open sessions; close one first",
+                "too_many_sessions_from_client",
+            )
+        if new:
+            self._refill(client)
+            if client.tokens < 1.0:
+                wait = (1.0 - client.tokens) / self.rate
+                raise Overloaded(
+                    f"this address opens sessions faster than {self.rate:g}/s; retry later",
+                    "session_rate_limited",
+                    retry_after_s=wait,
+                )
+            client.tokens -= 1.0
+        client.attached += 1
+
+    def release(self, key: str) -> None:
+        """One of ``key``'s attached sessions ended."""
+        client = self._clients.get(key)
+        if client is not None and client.attached > 0:
+            client.attached -= 1
+
+    def attached(self, key: str) -> int:
+        client = self._clients.get(key)
+        return client.attached if client is not None else 0
+
+    def prune(self) -> int:
+        """Forget clients that hold nothing and whose bucket is full again; returns how many."""
+        idle = [key for key, c in self._clients.items() if c.attached == 0 and self._full(c)]
+        for key in idle:
+            del self._clients[key]
+        return len(idle)
+
+    def _get(self, key: str) -> _Client:
+        client = self._clients.get(key)
+        if client is not None:
+            self._clients.move_to_end(key)
+            return client
+        if len(self._clients) >= self.max_clients:
+            self.prune()
+            # Still full: forget the least recently seen clients that hold no session (their
+            # bucket restarts full: a small gift, bounded by the table size).
+            for old in [k for k, c in self._clients.items() if c.attached == 0]:
+                if len(self._clients) < self.max_clients:
+                    break
+                del self._clients[old]
+        client = self._clients[key] = _Client(self.burst, self.clock())
+        return client
+
+    def _refill(self, client: _Client) -> None:
+        now = self.clock()
+        client.tokens = min(self.burst, client.tokens + (now - client.refilled_at) * self.rate)
+        client.refilled_at = now
+
+    def _full(self, client: _Client) -> bool:
+        return client.tokens + (self.clock() - client.refilled_at) * self.rate >= self.burst
