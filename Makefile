@@ -7,7 +7,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The MNIST files: this checkout's ../shared/data/mnist unless MNIST_DIR says otherwise.
 export MNIST_DIR ?= $(abspath ../shared/data/mnist)
 
-.PHONY: install lint browser test screenshots serve train bench soak clean
+FAST_TESTS := tests/test_batching.py tests/test_batching_core.py tests/test_digit_contract.py \
+	tests/test_errors.py tests/test_echo_core.py tests/test_readme.py
+
+.PHONY: install lint browser test test-fast screenshots serve train bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,11 @@ browser: install
 
 test: lint browser
 	$(VENV)/bin/pytest
+
+# In-process tests only (no server, no training; under a minute): parsers, the batching core,
+# the echo adapter and session store, the error table.
+test-fast: install
+	$(VENV)/bin/pytest -q $(FAST_TESTS)
 
 # Screenshots of the demo page for the README (docs/screenshots/); tests never write there.
 screenshots: install browser

@@ -5,6 +5,8 @@
         --config legacy=@app.main:app,UVICORN_WS=websockets
     python -m bench.ab digits:64:1 --config service= --config floor=@bench.floor:app
     python -m bench.ab digits:64:1 --config edge= --config plain=EDGE_LIMITS=false --rounds 3
+    python -m bench.ab digits:64:1 --config new=@app.main:app \
+        --config old=@app.main:app,cwd=../old-checkout --rounds 3
 
 Each ``--config NAME=ENV`` starts one server, ``python -m app`` (``ENV``: comma-separated
 ``KEY=VALUE`` pairs added to the environment; ``@module:app`` serves another ASGI app with the
@@ -25,17 +27,21 @@ from pathlib import Path
 from bench import server
 
 
-def parse_config(text: str) -> tuple[str, dict[str, str], str | None]:
+def parse_config(text: str) -> tuple[str, dict[str, str], str | None, Path]:
+    """``NAME=K=V,...``; ``@module:app`` serves another ASGI app, ``cwd=DIR`` another checkout."""
     name, _, spec = text.partition("=")
     app: str | None = None  # the service, python -m app
     env: dict[str, str] = {}
+    cwd = server.REPO
     for item in filter(None, spec.split(",")):
         if item.startswith("@"):
             app = item[1:]
+        elif item.startswith("cwd="):
+            cwd = Path(item[4:]).resolve()
         else:
             key, _, value = item.partition("=")
             env[key] = value
-    return name, env, app
+    return name, env, app, cwd
 
 
 def main() -> None:
@@ -52,8 +58,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     servers = {}
     try:
-        for name, env, app in map(parse_config, args.config):
-            servers[name] = server.start(env, tmp / f"{name}.log", app=app)
+        for name, env, app, cwd in map(parse_config, args.config):
+            servers[name] = server.start(env, tmp / f"{name}.log", cwd=cwd, app=app)
         for r in range(args.rounds):
             for name, srv in servers.items():
                 cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(srv.port)]
