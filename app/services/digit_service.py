@@ -40,16 +40,29 @@ class DigitRows:
     def prepare(self, items: list[np.ndarray]) -> list[np.ndarray]:
         return items
 
-    def compute(self, parts: list[np.ndarray]) -> np.ndarray:
-        return self.model.infer(parts[0] if len(parts) == 1 else np.concatenate(parts))
+    def compute(self, parts: list[np.ndarray]) -> tuple[np.ndarray, bool]:
+        """The model call, and whether every probability is finite (checked once per call)."""
+        probs = self.model.infer(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        return probs, bool(np.isfinite(probs).all())
 
-    def finish(self, items: list[np.ndarray], probs: np.ndarray, done: list[bool]) -> list[Any]:
-        out, offset = [], 0
+    def finish(
+        self, items: list[np.ndarray], output: tuple[np.ndarray, bool], done: list[bool]
+    ) -> list[Any]:
+        """Each request's own rows; ``ModelFailed`` for one with a non-finite probability."""
+        probs, finite = output
+        out: list[Any] = []
+        offset = 0
         for images in items:
             n = len(images)
-            out.append(probs[offset : offset + n])
+            rows = probs[offset : offset + n]
+            out.append(rows if finite or np.isfinite(rows).all() else _non_finite(n))
             offset += n
         return out
+
+
+def _non_finite(rows: int) -> ModelFailed:
+    log.error("digit model returned non-finite probabilities", extra={"rows": rows})
+    return ModelFailed("the digit model returned non-finite probabilities")
 
 
 class DigitService:
@@ -117,7 +130,4 @@ class DigitService:
                 if isinstance(result, BaseException):
                     raise result
             probs = np.concatenate(results)
-        if not np.isfinite(probs).all():
-            log.error("digit model returned non-finite probabilities", extra={"rows": len(probs)})
-            raise ModelFailed("the digit model returned non-finite probabilities")
         return probs

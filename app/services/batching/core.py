@@ -65,8 +65,8 @@ class Adapter(Protocol[T, R]):
         ...
 
     def finish(self, items: list[T], output: Any, done: list[bool]) -> Sequence[R]:
-        """Each item's result, or :data:`AGAIN` (event loop); ``done[i]``: item i has already
-        been answered (deadline) and must not change shared state."""
+        """Each item's result, an exception that fails it, or :data:`AGAIN` (event loop);
+        ``done[i]``: item i has already been answered (deadline) and must not change state."""
         ...
 
 
@@ -243,7 +243,11 @@ class Batcher(Generic[T, R]):
             self._running = []
         again = [job for job, result in zip(jobs, results, strict=True) if result is AGAIN]
         for job, result in zip(jobs, results, strict=True):
-            if result is not AGAIN and not job.future.done():
+            if result is AGAIN or job.future.done():
+                continue
+            if isinstance(result, Exception):  # this item failed, the others did not
+                _fail(job, result)
+            else:
                 job.future.set_result(result)
         for job in reversed(again):
             if not job.future.done():
@@ -312,6 +316,8 @@ class Batcher(Generic[T, R]):
                     except Exception as exc:
                         self._fail_call([job], exc)
                         return await job.future
+                    if isinstance(result, Exception):
+                        raise result
                     if result is not AGAIN:
                         return result
         except TimeoutError:
