@@ -2,7 +2,8 @@
 
 The same random streams, cut into random-size messages, go through the default (batching) server
 and through one started with ``BATCHING_ENABLED=false``; half the sessions wait for every reply,
-the other half pipeline all their messages before reading.
+the other half pipeline all their messages before reading. The sessions come from several loopback
+addresses, as separate clients would: one address may hold only ``MAX_CONNECTIONS_PER_CLIENT`` (64).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.live_server import LiveServer, start_server
 pytestmark = pytest.mark.slow
 
 SESSIONS = 150
+CLIENT_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 5)]  # 50 sessions each
 Plan = list[list[int]]  # one session's messages
 
 
@@ -45,8 +47,12 @@ def make_plans(seed: int) -> list[Plan]:
     ]
 
 
-async def run_session(url: str, plan: Plan, start: asyncio.Barrier, pipelined: bool) -> list[float]:
-    async with connect(f"{url}/echo", compression=None, proxy=None, max_queue=None) as ws:
+async def run_session(
+    url: str, plan: Plan, start: asyncio.Barrier, pipelined: bool, address: str
+) -> list[float]:
+    async with connect(
+        f"{url}/echo", compression=None, proxy=None, max_queue=None, local_addr=(address, 0)
+    ) as ws:
         assert json.loads(await ws.recv())["type"] == "session"
         await start.wait()  # every session is connected: they all start together
         if pipelined:
@@ -65,7 +71,10 @@ async def run_session(url: str, plan: Plan, start: asyncio.Barrier, pipelined: b
 async def run_all(url: str, plans: list[Plan]) -> list[list[float]]:
     start = asyncio.Barrier(len(plans))
     return await asyncio.gather(
-        *(run_session(url, plan, start, pipelined=i % 2 == 1) for i, plan in enumerate(plans))
+        *(
+            run_session(url, plan, start, i % 2 == 1, CLIENT_ADDRESSES[i % len(CLIENT_ADDRESSES)])
+            for i, plan in enumerate(plans)
+        )
     )
 
 
