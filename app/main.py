@@ -120,9 +120,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state = AppState(settings, uploads=uploads)  # type: ignore[assignment]
     install_error_handlers(app)
-    app.add_middleware(v2_fast.V2InferFastPath)  # v2 infer requests skip the routing layers
     add_access_control(app, settings)  # API keys, browser origins (app.core.security)
     app.add_middleware(RequestGuard, max_body=settings.max_request_bytes)  # outermost
+    # Raw-ASGI routes (app.api.raw_route) first: they take only what they answer as the
+    # documented routes below do, without FastAPI's per-request machinery.
+    app.router.routes += [digits.json_route(), v2_fast.V2InferRoute()]
     app.include_router(health.router)
     app.include_router(digits.router)
     app.include_router(echo.router)

@@ -22,11 +22,15 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.routing import Route
 
 from app.api.digit_json import DigitJsonRoute
+from app.api.digits import json_route
 from app.api.digits import router as digits_router
 from app.api.errors import install_error_handlers
+from app.api.v2_fast import V2InferRoute
 from app.core.config import Settings
+from app.main import create_app
 from app.schemas.digits import DigitBatchPrediction, DigitPrediction
 from app.services.errors import ModelFailed
 from app.state import AppState
@@ -352,9 +356,24 @@ class StubService:
         return np.tile(self.probs, (len(images), 1))
 
 
-def answers(service: Any, bodies: list[tuple[bytes, str]]) -> list[tuple[int, bytes]]:
+class CountingRoute(DigitJsonRoute):
+    """The raw JSON route, counting what it answered (a comparison must not pass without it)."""
+
+    answered = 0
+
+    async def answer(self, scope, params, body):  # type: ignore[no-untyped-def]
+        CountingRoute.answered += 1
+        return await super().answer(scope, params, body)
+
+
+def answers(
+    service: Any, bodies: list[tuple[bytes, str]], raw: bool = True
+) -> list[tuple[int, bytes]]:
+    """Each body's (status, body) from the digit routes, with or without the raw JSON route."""
     app = FastAPI()
     install_error_handlers(app)
+    if raw:
+        app.router.routes.append(CountingRoute(json_route().documented({})))
     app.include_router(digits_router)
     app.state = AppState(Settings(), digits=service)  # type: ignore[assignment]
 
@@ -367,9 +386,27 @@ def answers(service: Any, bodies: list[tuple[bytes, str]]) -> list[tuple[int, by
     return asyncio.run(post_all())
 
 
-def test_the_json_route_is_a_route_class_the_routing_shows() -> None:
-    (route,) = [r for r in digits_router.routes if getattr(r, "path", None) == PATH]
-    assert isinstance(route, DigitJsonRoute)
+def test_the_raw_routes_come_first_in_the_apps_routing() -> None:
+    """After FastAPI's own (/openapi.json, /docs), before every included router's routes."""
+    routes = create_app().router.routes
+    kinds = [type(route) for route in routes]
+    first_included = min(i for i, kind in enumerate(kinds) if kind is not Route and kind not in
+                         (DigitJsonRoute, V2InferRoute))  # fmt: skip
+    assert kinds.index(DigitJsonRoute) < first_included
+    assert kinds.index(V2InferRoute) < first_included
+    assert routes[kinds.index(DigitJsonRoute)].documented({}) in digits_router.routes
+
+
+@pytest.mark.parametrize("ready", [True, False])
+def test_the_raw_json_route_answers_as_the_documented_route(ready: bool) -> None:
+    bodies = [(_json({"image": GOOD}), JSON), (_json({"images": [FLAT, FLAT]}), JSON)]
+    bodies += [(body, ctype) for body, ctype, _, _ in BAD_JSON.values()]
+    bodies += [(_json({"image": GOOD}), "application/vnd.api+json"), (_json({"image": GOOD}), "")]
+    CountingRoute.answered = 0
+    with_raw = answers(StubService(ready), bodies, raw=True)
+    json_bodies = sum(1 for _, ctype in bodies if ctype == "" or "json" in ctype)
+    assert CountingRoute.answered == json_bodies > 10
+    assert with_raw == answers(StubService(ready), bodies, raw=False)
 
 
 @pytest.mark.parametrize("ready", [True, False])

@@ -1,9 +1,9 @@
-"""The JSON body of ``POST /predict/digit``: :class:`DigitJsonRoute` and its parser.
+"""The JSON body of ``POST /predict/digit``: its parser, and :class:`DigitJsonRoute`.
 
-:class:`DigitJsonRoute` is the route class of ``POST /predict/digit`` (see ``app.api.digits``):
-a JSON request is answered by :func:`predict_json` directly from the raw body, skipping
-FastAPI's body and dependency machinery; any other content type goes to the route's endpoint
-(uploads, 415). The answer is serialised by orjson straight from float32.
+:func:`predict_json` answers a JSON request from its raw body; the documented route
+(``app.api.digits``) calls it, and so does :class:`DigitJsonRoute`, a raw-ASGI route
+(``app.api.raw_route``) listed ahead of it that takes JSON requests without FastAPI's
+per-request machinery. The answer is serialised by orjson straight from float32.
 
 The contract is ``app.schemas.digits.parse_request``: the parser here only takes the bodies it
 can prove valid with orjson, one NumPy array and a few vectorised checks (cheaper than pydantic
@@ -13,42 +13,55 @@ over 784 numbers) and hands every other body, all refusals included, to the sche
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+import re
 from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.types import Scope
 
 from app.api.errors import service_error_response
+from app.api.raw_route import RawRoute
 from app.schemas.digits import SCALE_MAX, SCALE_MIN, parse_request
 from app.services.errors import ServiceError
 from app.state import AppState, app_state
 from modelspec.contract import IMAGE_SIZE
 
+PATH = "/predict/digit"
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 FIELDS = frozenset({"image", "images", "pixel_scale"})
 JSON_TYPE = "application/json"
 
 
-class DigitJsonRoute(APIRoute):
-    """``POST /predict/digit``: JSON bodies answered here, everything else by the endpoint."""
+class DigitJsonRoute(RawRoute):
+    """``POST /predict/digit`` with a JSON body (or none declared), ahead of the documented route
+    (``documented``), which serves uploads and refuses other content types."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint = self.endpoint
+    pattern = re.compile(re.escape(PATH))
 
-        async def handler(request: Request) -> Response:
-            if not is_json(content_type(request.scope)):
-                return await endpoint(request)
-            try:
-                content = await predict_json(app_state(request), await request.body())
-            except ServiceError as exc:
-                return service_error_response(exc)
-            return Response(content, media_type=JSON_TYPE)
+    def __init__(self, documented: BaseRoute) -> None:
+        self._documented = documented
 
-        return handler
+    def accepts(self, scope: Scope) -> bool:
+        return is_json(content_type(scope))
+
+    def documented(self, params: dict[str, Any]) -> BaseRoute:
+        return self._documented
+
+    async def answer(self, scope: Scope, params: dict[str, Any], body: bytes) -> Response:
+        return await json_response(app_state(HTTPConnection(scope)), body)
+
+
+async def json_response(state: AppState, body: bytes) -> Response:
+    """A JSON request body → the answer, a domain error as its JSON error response."""
+    try:
+        content = await predict_json(state, body)
+    except ServiceError as exc:
+        return service_error_response(exc)
+    return Response(content, media_type=JSON_TYPE)
 
 
 async def predict_json(state: AppState, body: bytes) -> bytes:

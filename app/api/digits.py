@@ -1,30 +1,39 @@
 """``POST /predict/digit``: classify MNIST-style pixels sent as JSON, or an uploaded picture.
 
-One route, declared with :class:`~app.api.digit_json.DigitJsonRoute`: JSON bodies are answered
-by that route class straight from the raw body (``app.api.digit_json``); the endpoint below
-serves multipart uploads (``app.api.digit_upload``) and refuses other content types (415). The
-contract is documented by ``app.schemas.digits``.
+The documented route: JSON bodies (``app.api.digit_json``), multipart uploads
+(``app.api.digit_upload``), 415 for other content types. The contract is documented by
+``app.schemas.digits``. :func:`json_route` is the raw-ASGI route the app lists ahead of this one
+for JSON requests (same answers, without FastAPI's per-request machinery).
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.digit_json import JSON_TYPE, DigitJsonRoute, answer, content_type
+from app.api.digit_json import (
+    JSON_TYPE,
+    PATH,
+    DigitJsonRoute,
+    answer,
+    content_type,
+    is_json,
+    json_response,
+)
 from app.api.digit_upload import read_upload
 from app.schemas.common import ErrorResponse
 from app.schemas.digits import DigitBatchPrediction, DigitPrediction, openapi_request_body
 from app.services.errors import UnsupportedMedia
 from app.state import app_state
 
-PATH = "/predict/digit"
-
 router = APIRouter(tags=["digits"])
 
 
 async def predict_digit(request: Request) -> Response:
-    """Everything but JSON (which ``DigitJsonRoute`` answers): a multipart upload, or 415."""
-    if content_type(request.scope) != b"multipart/form-data":
+    """JSON pixels, a multipart upload, or 415."""
+    ctype = content_type(request.scope)
+    if is_json(ctype):
+        return await json_response(app_state(request), await request.body())
+    if ctype != b"multipart/form-data":
         raise UnsupportedMedia(
             'send application/json ({"image": ...} or {"images": [...]}) or '
             'multipart/form-data with the picture in field "file"'
@@ -39,7 +48,6 @@ router.add_api_route(
     PATH,
     predict_digit,
     methods=["POST"],
-    route_class_override=DigitJsonRoute,  # JSON bodies: straight from the raw body
     summary="Classify a handwritten digit (JSON pixels or an uploaded picture)",
     description=(
         'Send JSON — `{"image": …}` for one 28×28 image or `{"images": [...]}` for a batch; '
@@ -63,3 +71,9 @@ router.add_api_route(
     },
     openapi_extra={"requestBody": openapi_request_body()},
 )
+
+
+def json_route() -> DigitJsonRoute:
+    """The raw-ASGI route for JSON requests, to list ahead of this router's routes."""
+    (route,) = [r for r in router.routes if getattr(r, "path", None) == PATH]
+    return DigitJsonRoute(route)

@@ -1,56 +1,42 @@
-"""Pure-ASGI shortcut for ``POST /v2/models/{name}[/versions/{v}]/infer``.
+""":class:`V2InferRoute`: ``POST /v2/models/{name}[/versions/{v}]/infer`` as a raw-ASGI route.
 
-Like ``DigitFastPath``, it skips FastAPI's exception, routing and endpoint layers (most of the
-app-side CPU of a one-image request) and answers exactly as the documented route does, through
-the same ``infer_body``; every other request goes on to the app unchanged.
+Listed ahead of the documented FastAPI infer routes (``app.api.v2``), it answers every infer
+request exactly as they do, through the same ``infer_body``, without FastAPI's per-request
+machinery (most of the app-side CPU of a one-image request; ``app.api.raw_route``).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+from starlette.types import Scope
 
+from app.api.raw_route import RawRoute
 from app.api.v2 import INFER_ROUTES, infer_body, router, v2_error
 from app.api.v2_request import HEADER_LENGTH
 
-_INFER = re.compile(re.escape(router.prefix) + r"/models/([^/]+)(?:/versions/([^/]+))?/infer")
-_HEADER = HEADER_LENGTH.encode()
 
+class V2InferRoute(RawRoute):
+    """Every v2 infer request (both paths, any content type)."""
 
-class V2InferFastPath:
-    """Serve v2 infer requests directly; add it inside ``RequestGuard``."""
+    pattern = re.compile(
+        re.escape(router.prefix)
+        + r"/models/(?P<model_name>[^/]+)(?:/versions/(?P<model_version>[^/]+))?/infer"
+    )
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def documented(self, params: dict[str, Any]) -> BaseRoute:
+        return INFER_ROUTES["model_version" in params]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = _INFER.fullmatch(scope["path"])
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        name, version = match.groups()
-        scope["route"] = INFER_ROUTES[version is not None]  # for the access log and metrics
-        header_length = next(
-            (v.decode("latin-1") for k, v in scope["headers"] if k == _HEADER), None
-        )
-        chunks = []
+    async def answer(self, scope: Scope, params: dict[str, Any], body: bytes) -> Response:
+        header_length = HTTPConnection(scope).headers.get(HEADER_LENGTH)
         try:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    break
-            body = b"".join(chunks)
-            content, headers = await infer_body(scope["app"], name, version, body, header_length)
+            content, headers = await infer_body(
+                scope["app"], params["model_name"], params.get("model_version"), body, header_length
+            )
         except Exception as exc:
-            await v2_error(exc, scope["path"])(scope, receive, send)
-            return
-        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
-        raw.append((b"content-length", b"%d" % len(content)))
-        await send({"type": "http.response.start", "status": 200, "headers": raw})
-        await send({"type": "http.response.body", "body": content})
+            return v2_error(exc, scope["path"])
+        return Response(content, headers=headers)
