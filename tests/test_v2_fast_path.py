@@ -16,6 +16,7 @@ from app.api import v2
 from app.api.errors import install_error_handlers
 from app.api.v2_fast import V2InferRoute
 from app.core.config import Settings
+from app.state import AppState, Lifecycle
 
 
 class StubService:
@@ -65,11 +66,15 @@ def answers(fast: bool, ready: bool) -> tuple[list[tuple[int, str, bytes]], int]
         app.router.routes.append(CountingRoute())
     app.include_router(v2.router)
     service = StubService(ready)
-    app.state.settings, app.state.digits = Settings(), service
-    app.state.lifecycle = SimpleNamespace(status="ready" if ready else "loading")
-    app.state.registry = SimpleNamespace(
+    registry = SimpleNamespace(
         digit=SimpleNamespace(name="mnist_lstm", version=1),
         echo=SimpleNamespace(name="echo_rnn", version=1, state_dim=4),
+    )
+    app.state = AppState(  # type: ignore[assignment]
+        Settings(),
+        Lifecycle("ready" if ready else "loading"),
+        registry=registry,  # type: ignore[arg-type]
+        digits=service,  # type: ignore[arg-type]
     )
 
     async def post_all() -> list[tuple[int, str, bytes]]:

@@ -24,6 +24,7 @@ from app.schemas import v2 as schema
 from app.services import errors as svc
 from app.services import tensor_codec
 from app.services.models import ServedModel
+from app.state import AppState, app_state
 from modelspec.contract import (
     DIGIT_INPUT,
     DIGIT_MODEL,
@@ -102,14 +103,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _state(app: Any) -> Any:
-    """The application's state: the one place the v2 routes read it."""
-    return app.state
-
-
-def _model(state: Any, name: str, version: str | None) -> ServedModel:
+def _model(state: AppState, name: str, version: str | None) -> ServedModel:
     """The served model ``name`` (at ``version``, which must be the loaded one), else 404."""
-    models = {m.name: m for m in (state.registry.digit, state.registry.echo)}
+    registry = state.registry
+    if registry is None:  # before the lifespan resolved the models
+        raise svc.NotReady("the models are not loaded yet")
+    models = {m.name: m for m in (registry.digit, registry.echo)}
     model = models.get(name)
     if model is None:
         raise svc.NotFound(f"unknown model {name!r}; served: {', '.join(models)}")
@@ -149,10 +148,12 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def _model_ready(state: Any, model: ServedModel) -> bool:
+def _model_ready(state: AppState, model: ServedModel) -> bool:
     if state.lifecycle.status != "ready":
         return False
-    return state.digits.ready if model.name == DIGIT_MODEL else state.echo.running
+    if model.name == DIGIT_MODEL:
+        return state.digits is not None and state.digits.ready
+    return state.echo is not None and state.echo.running
 
 
 @router.get("", response_model=schema.ServerMetadata, summary="Server metadata")
@@ -172,7 +173,7 @@ async def server_live() -> dict[str, bool]:
     responses={503: {"model": schema.ServerReady}},
 )
 async def server_ready(request: Request) -> OrjsonResponse:
-    ready = _state(request.app).lifecycle.status == "ready"
+    ready = app_state(request).lifecycle.status == "ready"
     return OrjsonResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
@@ -190,29 +191,29 @@ READY = {
 
 @router.get("/models/{model_name}", **METADATA)
 async def model_metadata(request: Request, model_name: str) -> dict[str, Any]:
-    return _metadata(_model(_state(request.app), model_name, None))
+    return _metadata(_model(app_state(request), model_name, None))
 
 
 @router.get("/models/{model_name}/versions/{model_version}", **METADATA)
 async def model_version_metadata(
     request: Request, model_name: str, model_version: str
 ) -> dict[str, Any]:
-    return _metadata(_model(_state(request.app), model_name, model_version))
+    return _metadata(_model(app_state(request), model_name, model_version))
 
 
 @router.get("/models/{model_name}/ready", **READY)
 async def model_ready(request: Request, model_name: str) -> OrjsonResponse:
-    return _ready_response(_state(request.app), model_name, None)
+    return _ready_response(app_state(request), model_name, None)
 
 
 @router.get("/models/{model_name}/versions/{model_version}/ready", **READY)
 async def model_version_ready(
     request: Request, model_name: str, model_version: str
 ) -> OrjsonResponse:
-    return _ready_response(_state(request.app), model_name, model_version)
+    return _ready_response(app_state(request), model_name, model_version)
 
 
-def _ready_response(state: Any, name: str, version: str | None) -> OrjsonResponse:
+def _ready_response(state: AppState, name: str, version: str | None) -> OrjsonResponse:
     ready = _model_ready(state, _model(state, name, version))
     return OrjsonResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
@@ -222,7 +223,7 @@ async def infer(request: Request) -> Response:
     params = request.path_params
     body = await request.body()
     content, headers = await infer_body(
-        request.app,
+        app_state(request),
         params["model_name"],
         params.get("model_version"),
         body,
@@ -232,10 +233,9 @@ async def infer(request: Request) -> Response:
 
 
 async def infer_body(
-    app: Any, name: str, version: str | None, body: bytes, header_length: str | None
+    state: AppState, name: str, version: str | None, body: bytes, header_length: str | None
 ) -> tuple[bytes, dict[str, str]]:
-    """An infer request's body → the response body and headers (``V2InferFastPath`` too)."""
-    state = _state(app)
+    """An infer request's body → the response body and headers (``V2InferRoute`` too)."""
     model = _model(state, name, version)
     if model.name != DIGIT_MODEL:
         raise svc.InvalidInput(
@@ -256,19 +256,11 @@ async def infer_body(
         tensor.name, tensor.datatype, tensor.shape, settings.max_batch_images
     )
     images = tensor_codec.digit_images(tensor.name, tensor.datatype, tensor.decode())
-    probs = await _predict(state, images)
+    probs = await state.digit_service().predict(images)  # the /predict/digit batcher
     arrays = {DIGIT_OUTPUT: probs, DIGIT_LABEL: probs.argmax(axis=1).astype(np.int64)}
     return render_infer(
         model.name, str(model.version), parsed.id, [(n, arrays[n], b) for n, b in outputs]
     )
-
-
-async def _predict(state: Any, images: np.ndarray) -> np.ndarray:
-    """The digit service's public ``predict``, through the same batcher as /predict/digit."""
-    service = getattr(state, "digits", None)
-    if service is None or not service.ready:
-        raise svc.NotReady("the digit model is not ready (loading or stopping)")
-    return await service.predict(images)
 
 
 def _path_param(name: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from starlette.types import Scope
 from app.api.raw_route import RawRoute
 from app.api.v2 import INFER_ROUTES, infer_body, router, v2_error
 from app.api.v2_request import HEADER_LENGTH
+from app.state import app_state
 
 
 class V2InferRoute(RawRoute):
@@ -32,10 +33,11 @@ class V2InferRoute(RawRoute):
         return INFER_ROUTES["model_version" in params]
 
     async def answer(self, scope: Scope, params: dict[str, Any], body: bytes) -> Response:
-        header_length = HTTPConnection(scope).headers.get(HEADER_LENGTH)
+        conn = HTTPConnection(scope)
+        name, version = params["model_name"], params.get("model_version")
         try:
             content, headers = await infer_body(
-                scope["app"], params["model_name"], params.get("model_version"), body, header_length
+                app_state(conn), name, version, body, conn.headers.get(HEADER_LENGTH)
             )
         except Exception as exc:
             return v2_error(exc, scope["path"])
