@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.api.errors import close_code
 from app.services.client_limits import ClientLimits, client_key
-from app.services.echo_sessions import SessionRefused, SessionStore
-from app.services.errors import Overloaded
+from app.services.echo_sessions import SessionStore
+from app.services.errors import NotFound, Overloaded
 
 
 class Clock:
@@ -78,18 +79,18 @@ def test_at_the_cap_the_least_recently_used_detached_session_is_evicted() -> Non
     store = SessionStore(np.zeros(4, np.float32), max_sessions=3, ttl_s=60, capacity=1)
     a, b, c = store.create(), store.create(), store.create()  # grows 1 -> 2 -> 3 slots
     assert len({a.slot, b.slot, c.slot}) == 3
-    with pytest.raises(SessionRefused) as info:
+    with pytest.raises(Overloaded) as info:
         store.create()  # all attached: the server is full
-    assert info.value.reason.startswith("too_many_sessions:")
+    assert info.value.code == "too_many_sessions" and close_code(info.value) == 1013
     store.detach(b)
     store.detach(a)
     store.resume(b.id, b.token)
     store.detach(b)  # a is now the least recently used detached session
     d = store.create()
     assert a.id not in store.sessions and d.slot == a.slot
-    with pytest.raises(SessionRefused) as info:
+    with pytest.raises(NotFound) as info:
         store.resume(a.id, a.token)
-    assert info.value.reason.startswith("session_evicted:") and info.value.code == 1008
+    assert info.value.code == "session_evicted" and close_code(info.value) == 1008
     assert store.resume(b.id, b.token) is b
 
 

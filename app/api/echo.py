@@ -26,8 +26,8 @@ from app.api.echo_frames import FrameError, parse_frame
 from app.api.errors import close_code, close_reason
 from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
 from app.services.echo_service import EchoService
-from app.services.echo_sessions import POLICY_VIOLATION, TRY_AGAIN_LATER, Session, SessionRefused
-from app.services.errors import GoingAway, ServiceError
+from app.services.echo_sessions import Session
+from app.services.errors import GoingAway, InvalidInput, NotReady, ServiceError
 from app.state import app_state
 
 log = logging.getLogger(__name__)
@@ -58,20 +58,12 @@ async def echo(
     await websocket.accept()
     try:
         if state.lifecycle.status != "ready" or service is None or not service.running:
-            raise SessionRefused(
-                TRY_AGAIN_LATER, "not_ready", f"the service is {state.lifecycle.status}"
-            )
+            raise NotReady(f"the service is {state.lifecycle.status}")
         if (session_id is None) != (token is None):
-            raise SessionRefused(
-                POLICY_VIOLATION, "invalid_resume", "pass both session_id and token, or neither"
-            )
+            raise InvalidInput("pass both session_id and token, or neither", "invalid_resume")
         client = websocket.client.host if websocket.client else None
         session = service.open(session_id, token, _Connection(websocket), client)
-    except SessionRefused as exc:
-        ECHO_SESSIONS_REFUSED.labels(exc.reason.partition(":")[0]).inc()
-        await websocket.close(exc.code, exc.reason)
-        return
-    except ServiceError as exc:
+    except ServiceError as exc:  # close code and reason from app.api.errors' one table
         ECHO_SESSIONS_REFUSED.labels(exc.code).inc()
         await websocket.close(close_code(exc), close_reason(exc))
         return

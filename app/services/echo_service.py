@@ -112,7 +112,7 @@ class EchoService:
     ) -> Session:
         """A new session, or the resumed one, for a connection from address ``client``.
 
-        Raises ``SessionRefused`` or a ``ServiceError`` (per-client limits) with the reason.
+        Raises a ``ServiceError`` (full, unknown or busy session, wrong token, per-client limits).
         """
         assert self.store is not None, "EchoService.start() was not awaited"
         key = client_key(client)

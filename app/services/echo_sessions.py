@@ -20,20 +20,9 @@ from typing import Any
 import numpy as np
 
 from app.core.metrics import ECHO_ACTIVE_SESSIONS, ECHO_SESSIONS_EVICTED, ECHO_STORED_SESSIONS
+from app.services.errors import Conflict, Forbidden, NotFound, Overloaded
 
 log = logging.getLogger(__name__)
-
-# WebSocket close codes (RFC 6455 §7.4.1).
-POLICY_VIOLATION = 1008
-TRY_AGAIN_LATER = 1013
-
-
-class SessionRefused(Exception):
-    """A connection that cannot get a session; ``code`` and ``reason`` go into the close frame."""
-
-    def __init__(self, code: int, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code, self.reason = code, f"{error}: {detail}"
 
 
 class Session:
@@ -69,14 +58,13 @@ class SessionStore:
     def create(self) -> Session:
         """A new attached session in the initial state; evicts the LRU detached one at the cap.
 
-        Refused with 1013 only when all ``max_sessions`` sessions are attached.
+        Refused (``Overloaded``) only when all ``max_sessions`` sessions are attached.
         """
         if len(self.sessions) >= self.max_sessions:
             if not self._detached:
-                raise SessionRefused(
-                    TRY_AGAIN_LATER,
-                    "too_many_sessions",
+                raise Overloaded(
                     f"the server holds its maximum of {self.max_sessions} open sessions",
+                    "too_many_sessions",
                 )
             _, victim = self._detached.popitem(last=False)
             self._drop(victim)
@@ -103,21 +91,17 @@ class SessionStore:
             session = None
         if session is None:
             if session_id in self._evicted:
-                raise SessionRefused(
-                    POLICY_VIOLATION,
-                    "session_evicted",
+                raise NotFound(
                     "the server was full and evicted this detached session for a new one",
+                    "session_evicted",
                 )
-            raise SessionRefused(
-                POLICY_VIOLATION, "session_not_found", "unknown or expired session_id"
-            )
+            raise NotFound("unknown or expired session_id", "session_not_found")
         if not secrets.compare_digest(session.token.encode(), token.encode()):
-            raise SessionRefused(POLICY_VIOLATION, "invalid_token", "wrong token for this session")
+            raise Forbidden("wrong token for this session", "invalid_token")
         if session.attached:
-            raise SessionRefused(
-                TRY_AGAIN_LATER,
-                "session_in_use",
+            raise Conflict(
                 "the session is attached to another connection; retry once that one closes",
+                "session_in_use",
             )
         self._attach(session)
         log.info("echo session opened", extra={"session": session.id, "resumed": True})
