@@ -19,12 +19,12 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI
 
 from app.api import digits, echo, health, pages, v2, v2_fast
+from app.api.access import add_access_control
 from app.api.errors import install_error_handlers
 from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
-from app.core.security import add_access_control
 from app.services.digit_service import DigitService
 from app.services.echo_service import EchoService
 from app.services.models import ModelRegistry
@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state = AppState(settings, uploads=uploads)  # type: ignore[assignment]
     install_error_handlers(app)
-    add_access_control(app, settings)  # API keys, browser origins (app.core.security)
+    add_access_control(app, settings)  # API keys, browser origins (app.api.access)
     app.add_middleware(RequestGuard, max_body=settings.max_request_bytes)  # outermost
     # Raw-ASGI routes (app.api.raw_route) first: they take only what they answer as the
     # documented routes below do, without FastAPI's per-request machinery.

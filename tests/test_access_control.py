@@ -16,7 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from app.core import security
+from app.api import access as security
 from tests.live_server import LiveServer, start_server
 
 pytestmark = pytest.mark.slow

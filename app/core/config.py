@@ -115,7 +115,7 @@ class Settings(BaseSettings):
         False, description="Offer permessage-deflate on /echo (frames are a few hundred bytes)."
     )
 
-    # Access control (off by default; app/core/security.py, docs/security.md)
+    # Access control (off by default; app/api/access.py, docs/security.md)
     api_keys: SecretStr = Field(
         SecretStr(""),
         description="Comma-separated API keys; set, every route but the public ones needs one.",
