@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -29,3 +32,17 @@ def test_overloaded_says_when_to_retry_and_codes_can_be_specific() -> None:
     response = service_error_response(svc.Overloaded("busy", "too_many_uploads", 2.4))
     assert response.headers["retry-after"] == "2"
     assert orjson.loads(response.body)["error"] == "too_many_uploads"
+
+
+def test_services_and_core_know_nothing_of_http_routes_or_close_codes() -> None:
+    """Layering: ``app.services`` and ``app.core`` never import ``app.api``; only the API layer
+    maps domain errors to statuses and close codes."""
+    root = Path(__file__).resolve().parents[1] / "app"
+    offenders = []
+    for path in [*(root / "services").rglob("*.py"), *(root / "core").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[:2] == ["app", "api"]]
+    assert offenders == []
