@@ -45,6 +45,7 @@ MAX_HEADERS = 100  # websockets: 128
 REFUSED_WAIT_S = 1.0
 MAX_WAITING_REFUSALS = 64  # refused connections waiting for their head; beyond, closed at once
 LINGER_S = 1.0
+EDGE_STATUS = "edge_status"  # scope key: the status the edge answered while the app was reading
 assert MAX_URL_BYTES + 32 < http11.MAX_LINE_LENGTH and MAX_HEADERS < http11.MAX_NUM_HEADERS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -295,6 +296,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         HTTP_EDGE_REFUSALS.labels(refusal.code).inc()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:  # the app sees a disconnect
+            cycle.scope[EDGE_STATUS] = refusal.status  # logged and counted as what was sent
             cycle.disconnected = True
             cycle.message_event.set()
         body = orjson.dumps({"error": refusal.code, "detail": refusal.detail})

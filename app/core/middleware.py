@@ -1,7 +1,8 @@
 """Pure-ASGI middleware: request-size limit, one JSON access-log line and metrics per request.
 
 A request whose client went away before the answer (``http.disconnect`` while the body was read)
-is logged and counted with status 499 (nginx's "client closed request"), never as a 5xx.
+is logged and counted with status 499 (nginx's "client closed request"), never as a 5xx; one the
+edge (``app.core.edge``) answered itself, e.g. 408 for a stalled body, with that status.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import Counter, Histogram
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.edge import EDGE_STATUS
 from app.core.logging import AccessLog
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from app.services.errors import TooLarge
@@ -54,8 +56,8 @@ class RequestGuard:
             else:
                 await self.app(scope, self._counting(receive, gone), send_wrapper)
         finally:
-            if gone[0] and status >= 500:
-                status = CLIENT_CLOSED
+            if gone[0] and status >= 500:  # the app saw a disconnect: a 408 from the edge?
+                status = scope.get(EDGE_STATUS, CLIENT_CLOSED)
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start
