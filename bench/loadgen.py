@@ -24,6 +24,7 @@ from time import perf_counter_ns
 from typing import Any
 
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import mnist
 from bench.server import proc_cpu_seconds, self_cpu_seconds, system_cpu_seconds
@@ -55,11 +56,13 @@ def percentile(sorted_ns: list[int], q: float) -> float:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
+    """The ``model_*`` samples of a ``/metrics`` page, keyed ``name{label="value",...}``."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("model_"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("model_"):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
+from bench import server
 from tests.browser import find_chromium
-from tests.live_server import start_server
 from tests.page_drawing import predicted_digit, trace_digit
 from training.mnist_data import load_mnist
 
@@ -43,12 +43,12 @@ def main() -> None:
     seconds = dict.fromkeys(MODES, 0.0)
     with (
         tempfile.TemporaryDirectory() as logs,
-        start_server(Path(logs)) as server,
+        server.running({}, Path(logs) / "server.log", bench=False) as live,
         sync_playwright() as p,
     ):
         browser = p.chromium.launch(executable_path=find_chromium())
         page = browser.new_page()
-        page.goto(f"{server.base_url}/")
+        page.goto(f"{live.base_url}/")
         for i, image in enumerate(images):
             page.select_option("#digit-mode", MODES[0])
             trace_digit(page, image)

@@ -1,4 +1,9 @@
-"""Start and stop the real server as a subprocess, and psutil-free CPU accounting from /proc."""
+"""The real server as a subprocess on a free 127.0.0.1 port, for the benchmarks and the tests.
+
+The one owner of "start the service, wait for /livez and /readyz, stop it (SIGTERM, then kill)":
+``tests/live_server.py`` is a thin pytest plugin over ``start`` / ``running``. Also psutil-free
+CPU accounting from /proc.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+SERVER_COMMAND = [sys.executable, "-m", "app"]  # settings from the environment (HOST, PORT, ...)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,21 +86,36 @@ class Server:
 
     proc: subprocess.Popen[bytes]
     port: int
-    env: dict[str, str]
+    env: dict[str, str]  # what ``start`` added to the environment
     log_path: Path
     live_s: float = 0.0  # Popen → first /livez 200
-    ready_s: float = 0.0  # Popen → first /readyz 200 (the cold start)
+    ready_s: float = 0.0  # Popen → first /readyz 200 (the cold start); 0 if not waited for
     notes: list[str] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def process(self) -> subprocess.Popen[bytes]:  # the tests' name for ``proc``
+        return self.proc
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
     def cpu_seconds(self) -> float:
         return proc_cpu_seconds(self.proc.pid)
 
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+        return self.log_text()[-chars:]
 
 
 def start(
@@ -100,14 +124,25 @@ def start(
     cwd: Path = REPO,
     timeout: float = 120.0,
     app: str | None = None,
+    *,
+    port: int | None = None,
+    wait_ready: bool = True,
+    bench: bool = True,
 ) -> Server:
     """Start the service with ``python -m app`` (``uvicorn app`` for another ASGI app, and in a
-    checkout older than the launcher) with ``env`` added to ours; return once /readyz is 200."""
-    port = free_port()
-    env = {**BENCH_ENV, "HOST": "127.0.0.1", "PORT": str(port), **env}
+    checkout older than the launcher) with ``env`` added to ours; return once /livez and (with
+    ``wait_ready``) /readyz answer 200. If it exits or times out first, it is stopped and this
+    raises.
+
+    ``port``: listen there (e.g. to restart a server where clients expect it), else a free one.
+    ``bench``: lift the per-client limits (``BENCH_ENV``) and raise the file-descriptor limit for
+    the load generator; the tests pass ``False`` to run the service's defaults and inherit limits.
+    """
+    port = port or free_port()
+    env = {**(BENCH_ENV if bench else {}), "HOST": "127.0.0.1", "PORT": str(port), **env}
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env}
     if app is None and (cwd / "app" / "__main__.py").exists():
-        cmd = [sys.executable, "-m", "app"]
+        cmd = list(SERVER_COMMAND)
     else:
         app = app or "app.main:app"
         cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
@@ -120,25 +155,39 @@ def start(
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_raise_fd_limit,
+            preexec_fn=_raise_fd_limit if bench else None,
         )
     server = Server(proc, port, env, log_path)
-    deadline = t0 + timeout
-    while time.perf_counter() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-        status = http_status(port, "/readyz" if server.live_s else "/livez", timeout=1.0)
-        now = time.perf_counter() - t0
-        if status and not server.live_s:
-            server.live_s = now
-            status = http_status(port, "/readyz", timeout=1.0)
-            now = time.perf_counter() - t0
-        if status == 200:
-            server.ready_s = now
-            return server
+    try:
+        server.live_s = _wait_for_200(server, "/livez", t0, timeout)
+        if wait_ready:
+            server.ready_s = _wait_for_200(server, "/readyz", t0, timeout)
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+def _wait_for_200(server: Server, path: str, t0: float, timeout: float) -> float:
+    """Poll ``GET path`` until it answers 200; the seconds since ``t0`` (the Popen) by then."""
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log_tail()}")
+        if http_status(server.port, path, timeout=1.0) == 200:
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"{path} not 200 after {timeout}s:\n{server.log_tail()}")
         time.sleep(0.02)
-    stop(server)
-    raise TimeoutError(f"server not ready after {timeout}s:\n{server.log_tail()}")
+
+
+@contextmanager
+def running(env: dict[str, str], log_path: Path, **kwargs: Any) -> Iterator[Server]:
+    """``start(env, log_path, **kwargs)``, and ``stop`` it on the way out."""
+    server = start(env, log_path, **kwargs)
+    try:
+        yield server
+    finally:
+        stop(server)
 
 
 def stop(server: Server, timeout: float = 20.0) -> None:

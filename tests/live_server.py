@@ -2,42 +2,26 @@
 
 Loaded as a pytest plugin (see ``addopts`` in pyproject.toml): the session-wide ``live_server``
 fixture serves the shipped models; ``start_server(...)`` starts extra ones with other settings.
+Starting, waiting for /livez and /readyz and stopping belong to ``bench/server.py``, which the
+benchmarks use too; this module adds the tests' defaults, the fixture and ``wait_until``.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SERVER_COMMAND = [sys.executable, "-m", "app"]  # settings from the environment (HOST, PORT, ...)
+from bench.server import REPO, SERVER_COMMAND, free_port, running
+from bench.server import Server as LiveServer
 
+__all__ = ["REPO", "SERVER_COMMAND", "LiveServer", "free_port", "start_server", "wait_until"]
 
-@dataclass
-class LiveServer:
-    base_url: str
-    ws_url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TEST_ENV = {"TIMEOUT_GRACEFUL_SHUTDOWN_S": "5"}  # a stopped server is gone within seconds
 
 
 def wait_until(predicate, timeout: float, what: str, server: LiveServer | None = None) -> None:
@@ -63,52 +47,21 @@ def start_server(
     timeout: float = 90,
     port: int | None = None,
 ) -> Iterator[LiveServer]:
-    """Run ``python -m app`` with ``env`` added to the environment; stop it afterwards.
+    """Run ``python -m app`` with the service's defaults and ``env`` added to the environment;
+    stop it afterwards (``bench.server.running`` with ``bench=False``).
 
     ``port``: listen there (e.g. to restart a server where clients expect it), else a free one.
     """
     port = port or free_port()
-    log_path = Path(log_dir) / f"server-{port}.log"
-    full_env = {
-        **os.environ,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "TIMEOUT_GRACEFUL_SHUTDOWN_S": "5",
-        **(env or {}),
-    }
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            SERVER_COMMAND,
-            cwd=REPO,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", proc, log_path)
-    try:
-        wait_until(
-            lambda: httpx.get(f"{server.base_url}/livez").status_code == 200,
-            timeout,
-            "/livez",
-            server,
-        )
-        if wait_ready:
-            wait_until(
-                lambda: httpx.get(f"{server.base_url}/readyz").status_code == 200,
-                timeout,
-                "/readyz",
-                server,
-            )
+    with running(
+        {**TEST_ENV, **(env or {})},
+        Path(log_dir) / f"server-{port}.log",
+        timeout=timeout,
+        port=port,
+        wait_ready=wait_ready,
+        bench=False,
+    ) as server:
         yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="session")
