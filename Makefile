@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MNIST_DIR ?= $(abspath ../shared/data/mnist)
 
 FAST_TESTS := tests/test_batching.py tests/test_batching_core.py tests/test_digit_contract.py \
-	tests/test_errors.py tests/test_echo_core.py tests/test_readme.py
+	tests/test_errors.py tests/test_echo_core.py tests/test_readme.py tests/test_bench_digest.py
 
 .PHONY: install lint browser test test-fast screenshots serve train bench soak clean
 

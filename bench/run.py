@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -133,11 +134,24 @@ def measure_cold_starts(reps: int, args: argparse.Namespace, tmp: Path) -> list[
 
 
 def source_digest() -> str:
-    """sha256 (12 hex digits) over app/ and modelspec/ sources: which server code was measured."""
+    """sha256 (12 hex digits) over the code of app/ and modelspec/: which server code was
+    measured. Docstrings, comments and formatting do not change it (:func:`code_only`)."""
     h = hashlib.sha256()
     for path in sorted([*REPO.glob("app/**/*.py"), *REPO.glob("modelspec/**/*.py")]):
-        h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+        h.update(str(path.relative_to(REPO)).encode() + b"\0" + code_only(path.read_text()))
     return h.hexdigest()[:12]
+
+
+def code_only(source: str) -> bytes:
+    """The module's syntax tree without docstrings, as bytes (comments and layout are not in it)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            doc = first.value if isinstance(first, ast.Expr) else None
+            if isinstance(doc, ast.Constant) and isinstance(doc.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
 
 
 def machine_state() -> dict[str, Any]:
