@@ -29,6 +29,7 @@ from tests.live_server import (
     start_server,
     wait_until,
 )
+from tests.metrics import sample_value
 
 pytestmark = pytest.mark.slow
 
@@ -232,8 +233,7 @@ def test_ttl_eviction_and_session_cap(tmp_path: Path) -> None:
 
         def evicted(why: str) -> float:
             text = httpx.get(f"{server.base_url}/metrics").text
-            line = f'echo_sessions_evicted_total{{why="{why}"}} '
-            return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0)
+            return sample_value(text, "echo_sessions_evicted_total", why=why) or 0.0
 
         assert evicted("lru") == 1
         wait_until(lambda: evicted("ttl") >= 2, 30, "the sweeper to evict a and fresh", server)
@@ -242,7 +242,7 @@ def test_ttl_eviction_and_session_cap(tmp_path: Path) -> None:
         with session(server) as (_, fresh):
             assert fresh["resumed"] is False
         metrics = httpx.get(f"{server.base_url}/metrics").text
-        assert "echo_stored_sessions 1.0" in metrics
+        assert sample_value(metrics, "echo_stored_sessions") == 1
 
 
 SITECUSTOMIZE = """

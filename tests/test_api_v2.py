@@ -18,6 +18,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.live_server import LiveServer
+from tests.metrics import label_sets, sample_value
 from training.mnist_data import MnistData
 
 pytestmark = pytest.mark.slow
@@ -243,15 +244,14 @@ def test_v2_shares_the_batchers_metrics_and_is_documented(
     client: triton.InferenceServerClient, http: httpx.Client
 ) -> None:
     def calls() -> float:
-        for line in http.get("/metrics").text.splitlines():
-            if line.startswith('model_inference_calls_total{model="mnist_lstm"}'):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        text = http.get("/metrics").text
+        return sample_value(text, "model_inference_calls_total", model="mnist_lstm") or 0.0
 
     before = calls()
     client.infer(MODEL, [images_input(np.zeros((2, 28, 28), np.uint8), True)])
     assert calls() > before
-    assert 'route="/v2/models/{model_name}/infer"' in http.get("/metrics").text
+    routes = {s.get("route") for s in label_sets(http.get("/metrics").text, "http_requests_total")}
+    assert "/v2/models/{model_name}/infer" in routes
     paths = http.get("/openapi.json").json()["paths"]
     infer = paths["/v2/models/{model_name}/infer"]["post"]
     body = infer["requestBody"]["content"]
