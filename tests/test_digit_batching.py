@@ -1,7 +1,9 @@
 """The digit dynamic batcher: in-process with a recording fake model, then on real servers.
 
 The fake model answers row r with r's first 10 pixels, so every answer shows which request and
-row it belongs to; the live tests compare a batching server with a batching-off one.
+row it belongs to; the live tests compare a batching server with a batching-off one. Where a test
+needs the model busy, a gate holds its call (no sleeps standing in for "long enough"); where it
+needs to tell "at once" from "after the queue delay", the delay is 60 s and the bound 6 s.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,10 +33,14 @@ from tests.live_server import LiveServer, start_server
 from training.mnist_data import MnistData
 
 MODEL = {"model": "mnist_lstm"}
+LONG_DELAY_MS = 60_000  # a wait for company this long cannot pass for "at once"
+AT_ONCE_S = 6.0  # an order of magnitude under it
 
 
 class FakeModel:
-    """Stands in for ``DigitModel``: row → its first 10 pixels; records every call's images."""
+    """Stands in for ``DigitModel``: row → its first 10 pixels; records every call's images.
+
+    ``gate.clear()`` holds every call (the model is busy) until ``gate.set()``."""
 
     name, version = "mnist_lstm", 1
     ref: ClassVar[dict[str, Any]] = {"name": "mnist_lstm", "version": 1}
@@ -41,9 +48,12 @@ class FakeModel:
     def __init__(self, seconds: float = 0.0) -> None:
         self.seconds, self.fail = seconds, False
         self.calls: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         self.calls.append(images.copy())
+        self.gate.wait(10)
         time.sleep(self.seconds)
         if self.fail:
             raise RuntimeError("model exploded")
@@ -73,6 +83,18 @@ def service(model: FakeModel, **settings: Any) -> DigitService:
 
 def sample(name: str) -> float:
     return REGISTRY.get_sample_value(name, MODEL) or 0.0
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` while the event loop runs everything else."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def queued(svc: DigitService) -> int:
+    """Requests waiting in the batcher's queue (not in a model call)."""
+    return len(svc.batcher._queue)
 
 
 def test_each_request_gets_exactly_its_rows_in_order() -> None:
@@ -119,9 +141,9 @@ def test_idle_pipeline_waits_the_delay_unless_the_batch_is_full() -> None:
         start = time.monotonic()
         await svc.predict(rows(1, 0))
         assert time.monotonic() - start >= 0.55  # alone: it waited for company
-        start = time.monotonic()
-        await asyncio.gather(*(svc.predict(rows(1, k)) for k in range(4)))
-        assert time.monotonic() - start < 0.4  # a full batch goes at once
+        svc.batcher.max_delay_s = LONG_DELAY_MS / 1000
+        async with asyncio.timeout(AT_ONCE_S):  # a full batch goes at once
+            await asyncio.gather(*(svc.predict(rows(1, k)) for k in range(4)))
         await svc.stop()
         assert [len(c) for c in model.calls] == [1, 4]
 
@@ -133,33 +155,40 @@ def test_a_lone_client_stops_paying_the_delay() -> None:
         model = FakeModel()
         svc = service(model, digit_max_queue_delay_ms=200)
         await svc.start()
-        took = []
-        for k in range(16):
+        for k in range(9):
             start = time.monotonic()
             await svc.predict(rows(1, k))
-            took.append(time.monotonic() - start)
-        waited = [t >= 0.18 for t in took]
-        assert all(waited[:9]) and sum(waited[9:]) <= 1  # then only a rare probe waits
-        await asyncio.gather(*(svc.predict(rows(1, k)) for k in range(3)))  # company again
+            assert time.monotonic() - start >= 0.18, k  # it waits for company that never comes
+        # Then it stops waiting (the policy's next probe is its 128th idle batch): with the delay
+        # now 60 s, the next 7 lone requests (and 3 together) go at once.
+        svc.batcher.max_delay_s = LONG_DELAY_MS / 1000
+        async with asyncio.timeout(AT_ONCE_S):
+            for k in range(9, 16):
+                await svc.predict(rows(1, k))
+            await asyncio.gather(*(svc.predict(rows(1, k)) for k in range(3)))  # company again
+        svc.batcher.max_delay_s = 0.2
         start = time.monotonic()
         await svc.predict(rows(1, 0))
         assert time.monotonic() - start >= 0.18  # so it waits again
         await svc.stop()
+        assert [len(c) for c in model.calls] == [1] * 16 + [3, 1]
 
     asyncio.run(scenario())
 
 
 def test_requests_arriving_during_a_call_go_next_without_the_delay() -> None:
     async def scenario() -> None:
-        model = FakeModel(0.2)
-        svc = service(model, digit_max_batch_size=4, digit_max_queue_delay_ms=5000)
+        model = FakeModel()
+        svc = service(model, digit_max_batch_size=4, digit_max_queue_delay_ms=LONG_DELAY_MS)
         await svc.start()
-        start = time.monotonic()
-        first = [asyncio.create_task(svc.predict(rows(1, k))) for k in range(4)]
-        await asyncio.sleep(0.05)
+        model.gate.clear()
+        first = [asyncio.create_task(svc.predict(rows(1, k))) for k in range(4)]  # a full batch
+        await until(lambda: len(model.calls) == 1)  # ... in the model, held there
         later = [asyncio.create_task(svc.predict(rows(1, k))) for k in range(4, 6)]
-        await asyncio.gather(*first, *later)
-        assert time.monotonic() - start < 2.0  # not the 5 s delay
+        await until(lambda: queued(svc) == 2)
+        model.gate.set()
+        async with asyncio.timeout(AT_ONCE_S):  # not the 60 s delay
+            await asyncio.gather(*first, *later)
         await svc.stop()
         assert model.tags() == [[0, 1, 2, 3], [4, 5]]
 
@@ -168,18 +197,19 @@ def test_requests_arriving_during_a_call_go_next_without_the_delay() -> None:
 
 def test_past_the_deadline_a_request_fails_and_a_timed_out_queued_one_is_skipped() -> None:
     async def scenario() -> None:
-        model = FakeModel(0.5)
-        svc = service(model, request_timeout_s=0.2, digit_max_queue_delay_ms=0)
+        model = FakeModel()
+        svc = service(model, request_timeout_s=0.5, digit_max_queue_delay_ms=0)
         await svc.start()
+        model.gate.clear()  # the first call hangs past the deadlines
         running = asyncio.create_task(svc.predict(rows(1, 0)))
-        await asyncio.sleep(0.05)
-        queued = asyncio.create_task(svc.predict(rows(1, 1)))
-        for task in (running, queued):
+        await until(lambda: len(model.calls) == 1)
+        waiting = asyncio.create_task(svc.predict(rows(1, 1)))
+        await until(lambda: queued(svc) == 1)
+        for task in (running, waiting):
             with pytest.raises(DeadlineExceeded) as info:
                 await task
             assert info.value.code == "timeout"
-        await asyncio.sleep(0.45)
-        model.seconds = 0.0
+        model.gate.set()  # the hung call returns; the next request goes after it
         assert (await svc.predict(rows(1, 2)))[0, 0] == 2
         await svc.stop()
         assert model.tags() == [[0], [2]]
@@ -205,13 +235,21 @@ def test_not_ready_before_start_and_after_stop() -> None:
 
 def test_stop_lets_requests_in_flight_finish() -> None:
     async def scenario() -> None:
-        model = FakeModel(0.3)
+        model = FakeModel()
         svc = service(model, digit_max_queue_delay_ms=0)
         await svc.start()
-        tasks = [asyncio.create_task(svc.predict(rows(1, k))) for k in range(2)]
-        await asyncio.sleep(0.05)  # the first is computing, the second queued
-        await svc.stop()
+        model.gate.clear()
+        tasks = [asyncio.create_task(svc.predict(rows(1, 0)))]
+        await until(lambda: len(model.calls) == 1)  # the first is computing
+        tasks.append(asyncio.create_task(svc.predict(rows(1, 1))))
+        await until(lambda: queued(svc) == 1)  # the second queued
+        stopping = asyncio.create_task(svc.stop())
+        await until(lambda: not svc.batcher.running)  # stopping: both still in flight
+        assert not any(t.done() for t in tasks)
+        model.gate.set()
+        await stopping
         assert [t.result()[0, 0] for t in tasks] == [0, 1]
+        assert model.tags() == [[0], [1]]
 
     asyncio.run(scenario())
 
