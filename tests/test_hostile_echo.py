@@ -62,11 +62,9 @@ def metric(server: LiveServer, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def served(url: str, source: str = VICTIM) -> float:
-    """Open a session from ``source``, check one echo; the seconds until the session frame."""
-    t0 = time.perf_counter()
+async def served(url: str, source: str = VICTIM) -> None:
+    """Open a session from ``source`` (not refused, within 10 s) and check one echo."""
     ws, frame = await open_session(url, source)
-    admitted = time.perf_counter() - t0
     try:
         assert frame["resumed"] is False
         await ws.send('{"bits": [1, 0, 1, 1, 0]}')
@@ -74,26 +72,29 @@ async def served(url: str, source: str = VICTIM) -> float:
         assert reply["type"] == "echo" and reply["bits"] == [0, 0, 0, 1, 0], reply
     finally:
         await ws.close()
-    return admitted
 
 
 def test_one_address_churning_sessions_leaves_others_served(server: LiveServer) -> None:
     """2,000 sessions opened and dropped by one address at a 500-session cap: the detached ones
-    are evicted LRU, the victim is admitted at once throughout, the churner is rate limited."""
+    are evicted LRU, the victim is admitted throughout, the churner is rate limited."""
     url = f"{server.ws_url}/echo"
 
-    async def scenario() -> tuple[Any, list[float]]:
+    async def scenario() -> tuple[Any, int]:
         attack = asyncio.create_task(churn(url, CHURNER, 2000, concurrency=8))
-        latencies = [await served(url)]
+        during = 0  # victim sessions served while the attack was still going on
+        await served(url)
         while not attack.done():
-            latencies.append(await served(url))
-            await asyncio.sleep(0.2)
-        latencies.append(await served(url))
-        return attack.result(), latencies
+            await served(url)  # never refused, each within open_session's 10 s
+            during += not attack.done()
+            await asyncio.sleep(0.2)  # pacing the victim, not synchronisation
+        await served(url)
+        return attack.result(), during
 
-    result, latencies = asyncio.run(scenario())
+    result, during = asyncio.run(scenario())
     assert result.opened == 2000 and not result.refused and not result.errors, result
-    assert max(latencies) < 2.0, latencies  # typically a few ms
+    # Not kept waiting until the churn is over: served again and again in the meantime (a victim
+    # session takes a few ms; the attack, seconds, on a slow machine as on a fast one).
+    assert during >= 3, during
     assert metric(server, "echo_sessions_evicted_total", why="lru") >= 2000 - MAX_SESSIONS
     assert metric(server, "echo_sessions_refused_total", reason="too_many_sessions") == 0
 
@@ -111,19 +112,24 @@ def test_one_address_churning_sessions_leaves_others_served(server: LiveServer) 
     more = asyncio.run(churn(url, CHURNER, BURST, concurrency=4))
     assert more.refused["session_rate_limited"] > 0 and more.opened < BURST, more
     assert metric(server, "echo_sessions_refused_total", reason="session_rate_limited") > 0
-    assert asyncio.run(served(url)) < 2.0  # the victim's own bucket is untouched
+    asyncio.run(served(url))  # not refused: the victim's own bucket is untouched
 
 
 def test_idle_connections_hold_no_more_than_their_cap_and_are_closed(server: LiveServer) -> None:
     url = f"{server.ws_url}/echo"
 
+    def idle_cut_offs() -> float:
+        return metric(server, "echo_connections_cut_off_total", why="idle_timeout")
+
     async def scenario() -> None:
+        before = idle_cut_offs()
         held, refused = await hoard(url, HOARDER, PER_CLIENT + 20)
         opened_at = time.monotonic()
         try:
             assert len(held) == PER_CLIENT
             assert refused == {"too_many_sessions_from_client": 20}, refused
-            assert await served(url) < 2.0  # another address is admitted at once
+            await served(url)  # another address is admitted at once: before the server has cut
+            assert idle_cut_offs() == before  # off any of the hoarder's connections for idling
             closes = await asyncio.gather(*(closed_reason(ws, 30) for ws, _ in held))
             waited = time.monotonic() - opened_at
         finally:

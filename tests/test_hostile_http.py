@@ -265,6 +265,7 @@ def test_too_many_or_too_long_header_lines_get_431(edge: LiveServer) -> None:
 def test_slow_header_dribblers_get_408_while_another_address_is_served(edge: LiveServer) -> None:
     socks = [dial(edge) for _ in range(4)]
     answered: dict[int, bytes] = {}
+    served_while_held = 0  # another address's answers that came before any dribbler's 408
     start = time.monotonic()
     try:
         for sock in socks:
@@ -275,11 +276,12 @@ def test_slow_header_dribblers_get_408_while_another_address_is_served(edge: Liv
                 if i not in answered:
                     with contextlib.suppress(OSError):
                         sock.send(b"a")  # one byte per round, ~5 a second
+            assert get(edge, "/livez", "127.0.0.2")[0] == 200
+            for i, sock in enumerate(socks):  # a 408 sent before that answer is here by now
+                if i not in answered:
                     with contextlib.suppress(BlockingIOError):
                         answered[i] = sock.recv(65536)
-            t0 = time.monotonic()
-            assert get(edge, "/livez", "127.0.0.2")[0] == 200
-            assert time.monotonic() - t0 < 2, "another client was kept waiting"
+            served_while_held += not answered
             time.sleep(0.2)  # pacing the dribble, not synchronisation
         elapsed = time.monotonic() - start
     finally:
@@ -288,6 +290,7 @@ def test_slow_header_dribblers_get_408_while_another_address_is_served(edge: Liv
     assert len(answered) == len(socks)
     for data in answered.values():
         refused(data, 408, "header_timeout")
+    assert served_while_held, "another client was kept waiting until the dribblers timed out"
     assert elapsed > TIMEOUT / 2
 
 
@@ -334,12 +337,17 @@ def test_a_connection_flood_under_a_small_fd_limit_leaves_another_address_served
     tmp_path: Path,
 ) -> None:
     """The issue's 1,100 never-sending connections against a 1,024-descriptor limit, scaled:
-    600 at a time against 256. The cap is lowered to fit and refusals hold no descriptors."""
+    600 at a time against 256. The cap is lowered to fit and refusals hold no descriptors.
+
+    The flood's admitted connections are held for a header timeout of 60 s: another address
+    kept waiting for them to go would wait that long, ten times the bound on its wait."""
+    header_timeout_s = 60.0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.ExitStack() as stack:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the server only
         try:
-            server = stack.enter_context(start_server(tmp_path))
+            env = {"TIMEOUT_HEADER_S": str(header_timeout_s)}
+            server = stack.enter_context(start_server(tmp_path, env=env))
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert "MAX_CONNECTIONS lowered" in server.log_text()
@@ -357,7 +365,7 @@ def test_a_connection_flood_under_a_small_fd_limit_leaves_another_address_served
                 for sock in flood:
                     sock.close()
         fds = len(list(Path(f"/proc/{server.process.pid}/fd").iterdir()))
-    assert slowest < 3, f"another address waited {slowest:.1f} s"
+    assert slowest < header_timeout_s / 10, f"another address waited {slowest:.1f} s"
     assert fds < 200
 
 
