@@ -21,14 +21,12 @@ from modelspec.contract import (
     ECHO_STEP_SIGNATURE,
 )
 from tests.live_server import REPO, SERVER_COMMAND, LiveServer, free_port
+from tests.metrics import sample_value
 
 
-def metric(text: str, sample: str) -> float:
-    """The value of one exposition line that starts with ``sample`` (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of sample ``name`` with ``labels`` (0 when absent)."""
+    return sample_value(text, name, **labels) or 0.0
 
 
 def test_livez(live_server: LiveServer) -> None:
@@ -55,9 +53,9 @@ def test_models_lists_versions_signatures_metrics_and_the_device(live_server: Li
 def test_metrics_count_requests_model_calls_batches_and_sessions(live_server: LiveServer) -> None:
     url = live_server.base_url
     before = httpx.get(f"{url}/metrics").text
-    ok = 'http_requests_total{method="POST",route="/predict/digit",status="200"}'
-    calls = 'model_inference_calls_total{model="mnist_lstm"}'
-    rows = 'model_batch_size_sum{model="mnist_lstm"}'
+    ok = ("http_requests_total", {"method": "POST", "route": "/predict/digit", "status": "200"})
+    calls = ("model_inference_calls_total", {"model": "mnist_lstm"})
+    rows = ("model_batch_size_sum", {"model": "mnist_lstm"})
     reply = httpx.post(f"{url}/predict/digit", json={"images": [[0] * 784] * 3})
     assert reply.status_code == 200
     with connect(f"{live_server.ws_url}/echo") as ws:
@@ -67,16 +65,16 @@ def test_metrics_count_requests_model_calls_batches_and_sessions(live_server: Li
         ws.send('{"bits": [1, 0, 1]}')
         ws.recv()
     after = httpx.get(f"{url}/metrics").text
-    assert metric(after, ok) == metric(before, ok) + 1
-    assert metric(after, calls) >= metric(before, calls) + 1
-    assert metric(after, rows) >= metric(before, rows) + 3
-    for family in (
-        'http_request_duration_seconds_count{method="POST",route="/predict/digit"}',
-        'model_queue_wait_seconds_count{model="mnist_lstm"}',
-        'model_compute_seconds_count{model="echo_rnn"}',
-        "echo_messages_total",
+    assert metric(after, ok[0], **ok[1]) == metric(before, ok[0], **ok[1]) + 1
+    assert metric(after, calls[0], **calls[1]) >= metric(before, calls[0], **calls[1]) + 1
+    assert metric(after, rows[0], **rows[1]) >= metric(before, rows[0], **rows[1]) + 3
+    for name, labels in (
+        ("http_request_duration_seconds_count", {"method": "POST", "route": "/predict/digit"}),
+        ("model_queue_wait_seconds_count", {"model": "mnist_lstm"}),
+        ("model_compute_seconds_count", {"model": "echo_rnn"}),
+        ("echo_messages_total", {}),
     ):
-        assert metric(after, family) > 0, family
+        assert metric(after, name, **labels) > 0, name
 
 
 @pytest.mark.parametrize("damage", ["saved_model.pb", "metadata.json"])

@@ -28,6 +28,7 @@ from app.api.echo_frames import FrameError, parse_frame
 from app.core.config import Settings
 from app.core.edge import EdgeLimits
 from tests.live_server import LiveServer, start_server, wait_until
+from tests.metrics import sample_value
 
 pytestmark = pytest.mark.slow
 
@@ -249,8 +250,7 @@ def test_an_over_long_request_line_gets_414_and_the_connection_closes(
 def refusals(server: LiveServer, reason: str) -> float:
     """``http_edge_refusals_total{reason}`` from the server's /metrics."""
     text = httpx.get(f"{server.base_url}/metrics").text
-    line = f'http_edge_refusals_total{{reason="{reason}"}} '
-    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+    return sample_value(text, "http_edge_refusals_total", reason=reason) or 0.0
 
 
 def test_too_many_or_too_long_header_lines_get_431(edge: LiveServer) -> None:
@@ -324,6 +324,10 @@ def test_a_stalled_request_body_gets_408(edge: LiveServer) -> None:
     assert closed
     refused(data, 408, "body_timeout")
     assert time.monotonic() - start > TIMEOUT / 2
+    # Logged and counted as the 408 it was, not as a client that went away (499).
+    wait_until(lambda: '"status":408' in edge.log_text(), 10, "the access log line", edge)
+    text = httpx.get(f"{edge.base_url}/metrics").text
+    assert sample_value(text, "http_requests_total", route="/predict/digit", status="408")
 
 
 def test_the_edge_defaults_are_the_settings_defaults() -> None:
