@@ -6,6 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from app.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +19,11 @@ def test_configuration_table_lists_every_setting_with_its_default() -> None:
     fields = Settings.model_fields
     assert set(rows) == {name.upper() for name in fields}
     for name, field in fields.items():
-        if field.default is not None:
-            assert rows[name.upper()] == str(field.default), name
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        if default is not None:
+            assert rows[name.upper()] == str(default), name
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -76,8 +76,32 @@ class Settings(BaseSettings):
     echo_new_sessions_burst: int = Field(
         500, gt=0, description="New sessions per client address in a burst."
     )
+    echo_replay_replies: int = Field(
+        4, ge=1, le=64, description="Recent echo replies kept per session for ?last_seq= resumes."
+    )
+
+    # Echo session store (app/services/session_store.py, docs/echo-protocol.md)
+    echo_store_url: SecretStr = Field(
+        SecretStr("memory://"),
+        description="`memory://` (this process only) or `redis://[user:password@]host:port/db` "
+        "(`rediss://` for TLS): sessions that outlive the process and resume on any replica.",
+    )
+    echo_store_connect_timeout_s: float = Field(1.0, gt=0, description="Redis connect timeout.")
+    echo_store_timeout_s: float = Field(
+        1.0, gt=0, description="Redis command timeout; a step not stored in time is not answered."
+    )
+    echo_lease_s: float = Field(
+        10.0,
+        gt=0,
+        le=60,
+        description="Attach lease (Redis store): a session whose server died can be resumed "
+        "elsewhere after at most this long.",
+    )
 
     # Server (``python -m app``)
+    web_concurrency: int = Field(
+        1, ge=1, le=64, description="Worker processes (`WEB_CONCURRENCY`); over 1 needs Redis."
+    )
     host: str = Field("127.0.0.1", description="Address to listen on (the image sets 0.0.0.0).")
     port: int = Field(8000, gt=0, lt=65536, description="TCP port to listen on.")
     trusted_proxies: str = Field(
