@@ -13,6 +13,9 @@ deployment gets the same bounds:
   read timeouts, connection caps (``MAX_CONNECTIONS``, at most the file-descriptor limit less
   ``FD_RESERVE``), idle keep-alive close after ``TIMEOUT_KEEP_ALIVE_S``.
 - SIGTERM lets in-flight requests finish for ``TIMEOUT_GRACEFUL_SHUTDOWN_S``.
+- ``WEB_CONCURRENCY`` > 1 runs that many worker processes on one socket (uvicorn's supervisor);
+  echo sessions must then live in Redis (``ECHO_STORE_URL``), so that any worker can resume any
+  session. Each worker has its own connection caps and its own ``/metrics``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import ipaddress
 import logging
 import resource
 import sys
+from functools import cache
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from app.core.config import Settings, get_settings
 from app.core.edge import EdgeHttpProtocol, EdgeLimits
@@ -59,11 +64,24 @@ def edge_limits(settings: Settings) -> EdgeLimits:
     )
 
 
+@cache
+def _configured_limits() -> EdgeLimits:
+    return edge_limits(get_settings())
+
+
+class SettingsEdgeHttpProtocol(EdgeHttpProtocol):
+    """The edge protocol with this process's settings; worker processes import it by name."""
+
+    @property
+    def limits(self) -> EdgeLimits:  # type: ignore[override]
+        return _configured_limits()
+
+
 def http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
     """The edge protocol with the settings' limits; uvicorn's own if ``EDGE_LIMITS`` is off."""
     if not settings.edge_limits:
         return "httptools"
-    return EdgeHttpProtocol.with_limits(edge_limits(settings))
+    return "app.__main__:SettingsEdgeHttpProtocol"  # an import string: workers load their own
 
 
 def websocket_protocol() -> type[asyncio.Protocol] | str:
@@ -79,9 +97,8 @@ def server_config(settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=EdgeHttpProtocol.with_limits(edge_limits(settings))
-        if settings.edge_limits
-        else "httptools",
+        http=http_protocol(settings),
+        workers=settings.web_concurrency,
         ws=websocket_protocol(),
         ws_max_size=settings.echo_max_frame_bytes,
         ws_per_message_deflate=settings.echo_ws_compression,
@@ -102,6 +119,12 @@ def main() -> None:
             "MAX_CONNECTIONS lowered to fit the file-descriptor limit",
             extra={"max_connections": cap, "configured": settings.max_connections},
         )
+    if config.workers > 1:
+        if settings.echo_store_url.get_secret_value().startswith("memory://"):
+            log.error("WEB_CONCURRENCY > 1 needs ECHO_STORE_URL=redis://... (shared sessions)")
+            sys.exit(2)
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
     server = uvicorn.Server(config)
     server.run()
     if not server.started:

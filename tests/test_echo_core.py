@@ -70,7 +70,7 @@ def test_long_messages_in_slices_answer_as_one_call_does(echo_model: EchoModel) 
     async def run(batching: bool) -> dict[int, list[np.ndarray]]:
         svc = service(echo_model, batching_enabled=batching)
         await svc.start()
-        sessions = {k: svc.open(None, None, object()) for k in messages}  # type: ignore[arg-type]
+        sessions = {k: await svc.open(None, None, object()) for k in messages}  # type: ignore[arg-type]
 
         async def client(k: int) -> list[np.ndarray]:
             return [(await svc.advance(sessions[k], m))[0].copy() for m in messages[k]]
@@ -95,7 +95,7 @@ def test_a_failing_call_mid_message_leaves_the_session_at_its_last_answer(
         flaky = Flaky(echo_model, fail_on=3)  # call 1: first; calls 2-5: long, fails in its 2nd
         svc = service(flaky)
         await svc.start()
-        session = svc.open(None, None, object())  # type: ignore[arg-type]
+        session = await svc.open(None, None, object())  # type: ignore[arg-type]
         await svc.advance(session, first)
         assert svc.store is not None
         before = svc.store.states[session.slot].copy()
@@ -105,7 +105,7 @@ def test_a_failing_call_mid_message_leaves_the_session_at_its_last_answer(
         retried = (await svc.advance(session, long))[0]  # the batcher serves on
         reference = service(echo_model)
         await reference.start()
-        other = reference.open(None, None, object())  # type: ignore[arg-type]
+        other = await reference.open(None, None, object())  # type: ignore[arg-type]
         await reference.advance(other, first)
         assert np.allclose(retried, (await reference.advance(other, long))[0], atol=1e-5)
         await reference.stop()
@@ -123,7 +123,7 @@ def test_an_echo_message_past_its_deadline_fails_and_leaves_no_trace(
         flaky = Flaky(echo_model)
         svc = service(flaky, request_timeout_s=0.2)
         await svc.start()
-        session = svc.open(None, None, object())  # type: ignore[arg-type]
+        session = await svc.open(None, None, object())  # type: ignore[arg-type]
         flaky.gate.clear()
         with pytest.raises(DeadlineExceeded):
             await svc.advance(session, stream(3, 10))
@@ -132,7 +132,7 @@ def test_an_echo_message_past_its_deadline_fails_and_leaves_no_trace(
         await svc.stop()
         fresh = service(echo_model)
         await fresh.start()
-        other = fresh.open(None, None, object())  # type: ignore[arg-type]
+        other = await fresh.open(None, None, object())  # type: ignore[arg-type]
         want = (await fresh.advance(other, probe))[0].copy()
         await fresh.stop()
         return got, want

@@ -1,11 +1,14 @@
 """``WS /echo``: stream bits, get the echo model's predictions; the hidden state lives on.
 
 Protocol (details and a client example in ``docs/echo-protocol.md``; frames in
-``app.schemas.echo``): the server first sends a ``session`` frame; every ``{"bits": [...]}`` gets
-an ``echo`` frame, ``{"type": "reset"}`` a ``reset`` frame, and a bad frame an ``error`` frame
-(the connection stays open). Refusals (not ready, session cap, unknown session, wrong token,
-session in use) accept the handshake and close at once with a code and a ``"<code>: <detail>"``
-reason, so that every client can read why.
+``app.schemas.echo``): the server first sends a ``session`` frame (on a resume with
+``&last_seq=N``, then the echo frames after ``N`` that the client missed); every
+``{"bits": [...]}`` gets an ``echo`` frame, ``{"type": "reset"}`` a ``reset`` frame, and a bad
+frame an ``error`` frame (the connection stays open). Refusals (not ready, session cap, unknown
+session, wrong token, session in use, store unavailable) accept the handshake and close at once
+with a code and a ``"<code>: <detail>"`` reason, so that every client can read why. With the
+Redis store a step is answered only once it is stored; if it cannot be, the connection gets an
+``error`` frame and is closed (1013), and the session resumes from its last stored step.
 
 The per-message path is deliberately lean: orjson in and out, bits checked with a few C-level
 calls, no per-message logging or pydantic.
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
@@ -25,15 +27,16 @@ from starlette.websockets import WebSocketDisconnect
 from app.api.echo_frames import FrameError, parse_frame
 from app.api.errors import close_code, close_reason
 from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
+from app.services.echo_replies import echo_frame, pack_reply, unpack_frame
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import Session
 from app.services.errors import GoingAway, InvalidInput, NotReady, ServiceError
+from app.services.group_commit import LeaseLost
+from app.services.redis_sessions import StoreUnavailable
 from app.state import app_state
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["echo"])
-
-_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
 class _Connection:
@@ -50,21 +53,33 @@ class _Connection:
 
 @router.websocket("/echo")
 async def echo(
-    websocket: WebSocket, session_id: str | None = None, token: str | None = None
+    websocket: WebSocket,
+    session_id: str | None = None,
+    token: str | None = None,
+    last_seq: str | None = None,
 ) -> None:
-    """Open (no parameters) or resume (``?session_id=...&token=...``) an echo session."""
+    """Open (no parameters) or resume (``?session_id=...&token=...[&last_seq=N]``) a session."""
     state = app_state(websocket)
     service = state.echo
     await websocket.accept()
+    session: Session | None = None
     try:
         if state.lifecycle.status != "ready" or service is None or not service.running:
             raise NotReady(f"the service is {state.lifecycle.status}")
         if (session_id is None) != (token is None):
             raise InvalidInput("pass both session_id and token, or neither", "invalid_resume")
+        if last_seq is not None and (session_id is None or not last_seq.isdigit()):
+            raise InvalidInput(
+                "last_seq must be a non-negative integer, with session_id and token",
+                "invalid_resume",
+            )
         client = websocket.client.host if websocket.client else None
-        session = service.open(session_id, token, _Connection(websocket), client)
+        session = await service.open(session_id, token, _Connection(websocket), client)
+        missed = session.missed(int(last_seq[:20])) if last_seq is not None else []
     except ServiceError as exc:  # close code and reason from app.api.errors' one table
         ECHO_SESSIONS_REFUSED.labels(exc.code).inc()
+        if session is not None and service is not None:
+            await service.close(session, ended=exc.code)
         await websocket.close(close_code(exc), close_reason(exc))
         return
     ended = "disconnected"
@@ -78,14 +93,17 @@ async def echo(
                     "resumed": session_id is not None,
                     "echo_step": service.echo_step,
                     "seq": session.seq,
+                    "model_version": service.version,
                 }
             ).decode()
         )
+        for packed in missed:  # replies stored but (maybe) never received, in order
+            await websocket.send_text(unpack_frame(packed))
         ended = await _serve(websocket, service, session)
     except (WebSocketDisconnect, OSError):
         ended = "client gone"
     finally:
-        service.close(session, ended=ended)
+        await service.close(session, ended=ended)
 
 
 async def _serve(websocket: WebSocket, service: EchoService, session: Session) -> str:
@@ -95,7 +113,7 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
     # The raw ASGI callables under Starlette's state checks (a few % of the per-message CPU);
     # a send to a vanished client raises OSError (uvicorn's ClientDisconnected).
     receive, send = websocket._receive, websocket._send
-    dumps, frame_error, clock = orjson.dumps, FrameError, time.monotonic
+    frame_error, clock, durable = FrameError, time.monotonic, service.durable is not None
     while True:
         message = await receive()
         session.last_seen = clock()  # any frame counts against ECHO_IDLE_TIMEOUT_S
@@ -110,26 +128,26 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
         except frame_error as exc:
             await _send_error(send, exc.code, exc.detail)
             continue
-        if chunk is None:
-            service.reset(session)
-            await send({"type": "websocket.send", "text": '{"type":"reset"}'})
-            continue
         try:
+            if chunk is None:
+                await service.reset(session)
+                await send({"type": "websocket.send", "text": '{"type":"reset"}'})
+                continue
             probs, bits = await service.advance(session, chunk)
+            seq = session.seq + 1
+            packed = pack_reply(seq, probs, bits)
+            if durable:  # stored before it is answered
+                await service.store_step(session, seq, packed)
         except GoingAway:
             return "server stopping"
-        except ServiceError as exc:  # model call failed or deadline passed: say so, end here
+        except ServiceError as exc:  # model or store failed, deadline passed: say so, end here
+            if isinstance(exc, StoreUnavailable | LeaseLost):
+                await _send_error(send, exc.code, exc.detail)
             reason = f"{exc.code}: {exc.detail}; the session can be resumed"
-            await send({"type": "websocket.close", "code": close_code(exc), "reason": reason})
+            await send({"type": "websocket.close", "code": close_code(exc), "reason": reason[:123]})
             return exc.code
-        session.seq += 1
-        reply: dict[str, Any] = {
-            "type": "echo",
-            "seq": session.seq,
-            "probabilities": probs,
-            "bits": bits,
-        }
-        await send({"type": "websocket.send", "text": dumps(reply, option=_NUMPY).decode()})
+        session.record(seq, packed)
+        await send({"type": "websocket.send", "text": echo_frame(seq, probs, bits)})
 
 
 async def _send_error(send: Send, code: str, detail: str) -> None:

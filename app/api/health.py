@@ -27,22 +27,37 @@ async def livez() -> dict[str, str]:
     "/readyz",
     response_model=HealthResponse,
     summary="Both models are loaded and warmed (503 while loading, after a failure, or stopping)",
+    description="200 `ready`; 200 `degraded` with a detail while the echo session store (Redis) "
+    "is unreachable: digits still serve, new echo sessions are refused, so the replica stays in "
+    "the load balancer.",
     responses={503: {"model": HealthResponse}},
 )
 async def readyz(request: Request) -> OrjsonResponse:
-    lifecycle = app_state(request).lifecycle
+    state = app_state(request)
+    lifecycle = state.lifecycle
     body = {"status": lifecycle.status}
     if lifecycle.error:
         body["detail"] = lifecycle.error
+    durable = state.echo.durable if state.echo is not None else None
+    if lifecycle.status == "ready" and durable is not None and durable.error is not None:
+        body = {
+            "status": "degraded",
+            "detail": f"echo session store {durable.status()}; new echo sessions are refused, "
+            "digits serve",
+        }
     return OrjsonResponse(body, status_code=200 if lifecycle.status == "ready" else 503)
 
 
 @router.get("/v1/models", response_model=ModelsResponse, summary="Served models and their metrics")
 async def list_models(request: Request) -> dict:
-    registry = app_state(request).registry
-    if registry is None:
+    state = app_state(request)
+    if state.registry is None:
         raise NotReady("the models are not resolved yet")
-    return registry.describe()
+    durable = state.echo.durable if state.echo is not None else None
+    store = {"kind": "memory", "status": "ok"}
+    if durable is not None:
+        store = {"kind": "redis", "status": durable.status()}
+    return {**state.registry.describe(), "echo_store": store}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         4, ge=1, le=64, description="Recent echo replies kept per session for ?last_seq= resumes."
     )
 
-    # Echo session store (app/services/session_store.py, docs/echo-protocol.md)
+    # Echo session store (app/services/redis_sessions.py, docs/echo-protocol.md)
     echo_store_url: SecretStr = Field(
         SecretStr("memory://"),
         description="`memory://` (this process only) or `redis://[user:password@]host:port/db` "

@@ -88,13 +88,10 @@ class Refusal(Exception):
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` plus the limits above; :meth:`with_limits` binds a set of them."""
+    """``HttpToolsProtocol`` plus the limits above (a subclass sets ``limits``; ``python -m app``
+    uses the settings' ones)."""
 
     limits: ClassVar[EdgeLimits] = EdgeLimits()
-
-    @classmethod
-    def with_limits(cls, limits: EdgeLimits) -> type[EdgeHttpProtocol]:
-        return type(cls.__name__, (cls,), {"limits": limits})
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)

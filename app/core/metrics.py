@@ -131,6 +131,20 @@ ECHO_CUT_OFF = Counter(
     "Echo connections the server ended: idle_timeout (sent nothing), send_timeout (never read).",
     ["why"],
 )
+ECHO_STORE_SECONDS = Histogram(
+    "echo_store_seconds",
+    "Duration of one session-store command (Redis), by operation.",
+    ["op"],
+    buckets=LATENCY_BUCKETS,
+)
+ECHO_STORE_ERRORS = Counter(
+    "echo_store_errors_total", "Session-store commands that failed (Redis), by operation.", ["op"]
+)
+ECHO_STORE_WRITES = Histogram(
+    "echo_store_steps_per_write",
+    "Echo steps stored by one Redis round trip (group commit).",
+    buckets=BATCH_BUCKETS,
+)
 HTTP_EDGE_REFUSALS = Counter(
     "http_edge_refusals_total",
     "Connections answered and closed by the HTTP edge (app/core/edge.py), by reason.",

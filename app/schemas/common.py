@@ -30,6 +30,14 @@ class ModelInfo(ModelRef):
     created_at: str
 
 
+class StoreInfo(BaseModel):
+    kind: str = Field(description="`memory` or `redis` (ECHO_STORE_URL).", examples=["redis"])
+    status: str = Field(
+        description="`ok`, or `unavailable: <why>`.", examples=["unavailable: ConnectionError"]
+    )
+
+
 class ModelsResponse(BaseModel):
     device: str = Field(description="What TensorFlow computes on.", examples=["CPU"])
     models: list[ModelInfo]
+    echo_store: StoreInfo = Field(description="Where echo sessions live, and whether it answers.")

@@ -37,7 +37,12 @@ class SessionFrame(BaseModel):
     token: str = Field(..., description="Pass as &token= to resume; keep it secret.")
     resumed: bool = Field(..., description="True when this connection continues a session.")
     echo_step: int = Field(..., description="How many steps late the model echoes its input.")
-    seq: int = Field(..., description="Echo replies the session has sent so far (0 when new).")
+    seq: int = Field(
+        ...,
+        description="The session's last answered (and, with Redis, stored) echo reply; 0 when "
+        "new. On a resume with last_seq below it, the echo frames after last_seq follow.",
+    )
+    model_version: int = Field(..., description="The echo model version the session runs on.")
 
 
 class EchoFrame(BaseModel):
@@ -69,11 +74,15 @@ ErrorCode = Literal[
     "invalid_bits",  # "bits" is not a list of integers 0/1
     "empty_bits",  # "bits" is []
     "too_many_bits",  # more than ECHO_MAX_BITS_PER_MESSAGE bits
+    # Redis store only, each followed by a close (1013): the message was not answered.
+    "store_unavailable",  # its step could not be stored: resume with last_seq later
+    "lease_lost",  # another connection attached the session
 ]
 
 
 class ErrorFrame(BaseModel):
-    """Server → client: the frame was refused; the session and connection are unaffected."""
+    """Server → client: the frame was refused; the session and connection are unaffected
+    (except ``store_unavailable`` and ``lease_lost``, which a close follows)."""
 
     type: Literal["error"] = "error"
     code: ErrorCode

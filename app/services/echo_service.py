@@ -8,6 +8,12 @@ raises domain errors (``GoingAway``, ``DeadlineExceeded``, ``ModelFailed``); a f
 leaves its session at its last answered message. The sweeper also ends connections idle for
 ``ECHO_IDLE_TIMEOUT_S`` (their sessions stay resumable), and :class:`ClientLimits` bounds each
 client address's sessions.
+
+With ``ECHO_STORE_URL=redis://...`` (:class:`RedisSessions`) sessions live in Redis: :meth:`open`
+creates or attaches them there (taking the attach lease), :meth:`store_step` stores each step
+before it is answered (``GroupCommit``: one round trip per model call), a keeper task renews the
+leases of this process's attached sessions and ends the connections whose lease was taken over,
+and :meth:`close` / :meth:`stop` give leases back so the sessions resume elsewhere at once.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from app.services.batching import Batcher, BatchMetrics
 from app.services.client_limits import ClientLimits, client_key
 from app.services.echo_batching import EchoResult, EchoSteps, Message
 from app.services.echo_sessions import Session, SessionStore
-from app.services.errors import GoingAway, IdleTimeout, ServiceError
+from app.services.errors import GoingAway, IdleTimeout, NotFound, ServiceError
+from app.services.group_commit import GroupCommit, LeaseLost
 from app.services.models import EchoModel
+from app.services.redis_sessions import RedisSessions, Step
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,9 @@ class EchoService:
         self._connections: dict[str, Closable] = {}
         self._clients: dict[str, str] = {}  # session id -> its client's limits key
         self._ending: set[asyncio.Task[None]] = set()
+        self.durable = durable_store(settings)
+        self.commits = GroupCommit(self.durable) if self.durable else None
+        self._keeper: asyncio.Task[None] | None = None
         self.limits = ClientLimits(
             settings.echo_new_sessions_per_s,
             settings.echo_new_sessions_burst,
@@ -65,7 +76,13 @@ class EchoService:
         """Create the state matrix from the model's initial state; start batcher and sweeper."""
         s = self.settings
         initial = await asyncio.to_thread(self.model.initial_state, 1)
-        self.store = SessionStore(initial[0], s.echo_max_sessions, s.echo_session_ttl_s)
+        self.store = SessionStore(
+            initial[0],
+            s.echo_max_sessions,
+            s.echo_session_ttl_s,
+            replies=s.echo_replay_replies,
+            keep_detached=self.durable is None,
+        )
         # Unbatched, a message is one call however long; batched, long ones go in slices.
         max_steps = 32 if s.batching_enabled else s.echo_max_bits_per_message
         batcher: Batcher[Message, EchoResult] = Batcher(
@@ -81,9 +98,13 @@ class EchoService:
         await batcher.start()
         self.batcher = batcher
         self._sweeper = asyncio.create_task(self._sweep(), name="echo-sweeper")
+        if self.durable is not None:
+            await self.durable.ping()  # a Redis that is down now only refuses echo sessions
+            self._keeper = asyncio.create_task(self._keep_leases(), name="echo-lease-keeper")
         log.info(
             "echo service started",
             extra={
+                "store": "redis" if self.durable else "memory",
                 "batching": s.batching_enabled,
                 "max_batch_sessions": s.echo_max_batch_sessions,
                 "state_dim": self.model.state_dim,
@@ -98,31 +119,41 @@ class EchoService:
                 await conn.end(GoingAway("the server is going away", "shutting_down"))
         for task in list(self._ending):
             task.cancel()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._keeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if batcher is not None:
             await batcher.stop()
+        if self.durable is not None and self.commits is not None:
+            await self.commits.drain()
+            with contextlib.suppress(ServiceError):  # leases lapse by themselves otherwise
+                await self.durable.release(self._leases())
+            await self.durable.close()
         if self.store is not None:
             self.store.clear()
 
-    def open(
+    async def open(
         self, session_id: str | None, token: str | None, conn: Closable, client: str | None = None
     ) -> Session:
         """A new session, or the resumed one, for a connection from address ``client``.
 
-        Raises a ``ServiceError`` (full, unknown or busy session, wrong token, per-client limits).
+        Raises a ``ServiceError`` (full, unknown or busy session, wrong token, per-client limits,
+        session store unavailable).
         """
         assert self.store is not None, "EchoService.start() was not awaited"
         key = client_key(client)
         self.limits.admit(key, new=session_id is None)
         try:
-            session = (
-                self.store.create()
-                if session_id is None
-                else self.store.resume(session_id, token or "")
-            )
+            if session_id is None:
+                session = self.store.create()
+                if self.durable is not None:
+                    await self._create_durable(session)
+            elif self.durable is not None:
+                session = await self._attach_durable(session_id, token or "")
+            else:
+                session = self.store.resume(session_id, token or "")
         except BaseException:
             self.limits.release(key)
             raise
@@ -130,14 +161,81 @@ class EchoService:
         self._clients[session.id] = key
         return session
 
-    def close(self, session: Session, **log_extra: object) -> None:
+    async def close(self, session: Session, **log_extra: object) -> None:
         """The connection of ``session`` ended; the session stays resumable until its TTL."""
         self._connections.pop(session.id, None)
         key = self._clients.pop(session.id, None)
         if key is not None:
             self.limits.release(key)
-        if self.store is not None:
-            self.store.detach(session, **log_extra)
+        if self.store is None or not session.attached:
+            return
+        self.store.detach(session, **log_extra)
+        if self.durable is not None:
+            with contextlib.suppress(ServiceError):  # it lapses after ECHO_LEASE_S otherwise
+                await self.durable.release([(session.id, session.fence)])
+
+    async def store_step(self, session: Session, seq: int, packed_reply: bytes | None) -> None:
+        """With Redis: store the session's state as of step ``seq`` before it is answered.
+
+        ``packed_reply`` None: a reset. Raises ``StoreUnavailable`` or ``LeaseLost``.
+        """
+        assert self.store is not None and self.commits is not None
+        state = self.store.states[session.slot].tobytes()
+        await self.commits.store(Step(session.id, session.fence, state, seq, packed_reply))
+
+    async def _create_durable(self, session: Session) -> None:
+        assert self.store is not None and self.durable is not None
+        try:
+            await self.durable.create(session.id, session.token, self.store.initial, self.version)
+        except BaseException:
+            self.store.discard(session)
+            raise
+        session.fence = 1
+
+    async def _attach_durable(self, session_id: str, token: str) -> Session:
+        assert self.store is not None and self.durable is not None
+        stored = await self.durable.acquire(session_id, token)
+        try:
+            if stored.version != self.version:
+                raise NotFound(
+                    f"the session belongs to {self.model.name} version {stored.version}, "
+                    f"which this server does not serve (it serves {self.version})",
+                    "session_version_unavailable",
+                )
+            session = self.store.adopt(session_id, token, stored.state, stored.seq, stored.replies)
+        except BaseException:
+            with contextlib.suppress(ServiceError):
+                await self.durable.release([(session_id, stored.fence)])
+            raise
+        session.fence = stored.fence
+        return session
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    def _leases(self) -> list[tuple[str, int]]:
+        assert self.store is not None
+        return [(s.id, s.fence) for s in self.store.sessions.values() if s.attached]
+
+    async def _keep_leases(self) -> None:
+        """Renew this process's leases every third of ``ECHO_LEASE_S``; end the lost ones."""
+        assert self.durable is not None and self.store is not None
+        while True:
+            await asyncio.sleep(self.settings.echo_lease_s / 3)
+            leases = self._leases()
+            try:
+                if not leases:
+                    await self.durable.ping()
+                for i in range(0, len(leases), 1000):
+                    chunk = leases[i : i + 1000]
+                    held = await self.durable.renew(chunk)
+                    for (session_id, fence), ok in zip(chunk, held, strict=True):
+                        session = self.store.sessions.get(session_id)
+                        if not ok and session is not None and session.fence == fence:
+                            self._end(session, LeaseLost("another connection took the session"))
+            except ServiceError:
+                continue  # recorded by the store; the writes are fenced anyway
 
     async def advance(self, session: Session, chunk: bytes) -> EchoResult:
         """Advance ``session`` by one message's bits → (probabilities, predicted bits).
@@ -154,9 +252,12 @@ class EchoService:
             message.undo()
             raise
 
-    def reset(self, session: Session) -> None:
+    async def reset(self, session: Session) -> None:
+        """Back to the initial state (stored first, with Redis)."""
         assert self.store is not None
         self.store.reset(session)
+        if self.durable is not None:
+            await self.store_step(session, session.seq, None)
 
     async def _sweep(self) -> None:
         assert self.store is not None
@@ -170,15 +271,35 @@ class EchoService:
                 self._end_idle(session)
 
     def _end_idle(self, session: Session) -> None:
-        """End an idle session's connection (once); its handler then detaches the session."""
+        if session.id in self._connections:
+            ECHO_CUT_OFF.labels("idle_timeout").inc()
+        self._end(session, IdleTimeout(f"no message for {self.settings.echo_idle_timeout_s:g} s"))
+
+    def _end(self, session: Session, error: ServiceError) -> None:
+        """End a session's connection (once); its handler then detaches the session."""
         conn = self._connections.pop(session.id, None)
         if conn is None:
             return
-        ECHO_CUT_OFF.labels("idle_timeout").inc()
-        error = IdleTimeout(f"no message for {self.settings.echo_idle_timeout_s:g} s")
         task = asyncio.create_task(_end_quietly(conn, error), name="echo-idle-close")
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
+
+
+def durable_store(settings: Settings) -> RedisSessions | None:
+    """The Redis store ``ECHO_STORE_URL`` names, or None for ``memory://``."""
+    url = settings.echo_store_url.get_secret_value()
+    if url.startswith("memory://"):
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("ECHO_STORE_URL must be memory://, redis://, rediss:// or unix://")
+    return RedisSessions(
+        url,
+        ttl_s=settings.echo_session_ttl_s,
+        lease_s=settings.echo_lease_s,
+        replies=settings.echo_replay_replies,
+        connect_timeout_s=settings.echo_store_connect_timeout_s,
+        timeout_s=settings.echo_store_timeout_s,
+    )
 
 
 async def _end_quietly(conn: Closable, error: ServiceError) -> None:

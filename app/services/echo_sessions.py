@@ -7,6 +7,10 @@ each instead of stacking small arrays. The matrix grows by doubling up to the se
 Only attached sessions can fill the store: at the cap, the least recently used detached session
 is evicted to admit a new one (its later resume is told ``session_evicted``). Detached sessions
 are kept in least-recently-used order, so eviction (by TTL or by LRU) costs O(evicted).
+
+Each session also keeps its last ``replies`` packed echo replies (``app.services.echo_replies``)
+for resumes with ``?last_seq=``. With the Redis store (``keep_detached=False``) this matrix only
+holds attached sessions: a detached one lives in Redis alone and comes back with :meth:`adopt`.
 """
 
 from __future__ import annotations
@@ -14,37 +18,72 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from app.core.metrics import ECHO_ACTIVE_SESSIONS, ECHO_SESSIONS_EVICTED, ECHO_STORED_SESSIONS
-from app.services.errors import Conflict, Forbidden, NotFound, Overloaded
+from app.services.echo_replies import reply_seq
+from app.services.errors import Conflict, Forbidden, InvalidInput, NotFound, Overloaded
 
 log = logging.getLogger(__name__)
 
 
 class Session:
-    """One client's stream: its slot in the state matrix and its echo reply counter."""
+    """One client's stream: its slot in the state matrix, its echo reply counter and replies."""
 
-    __slots__ = ("attached", "id", "last_seen", "seq", "slot", "token")
+    __slots__ = ("attached", "fence", "id", "last_seen", "replies", "seq", "slot", "token")
 
-    def __init__(self, session_id: str, token: str, slot: int) -> None:
+    def __init__(self, session_id: str, token: str, slot: int, replies: int) -> None:
         self.id, self.token, self.slot = session_id, token, slot
         self.seq = 0  # echo replies so far; the next one carries seq + 1
+        self.replies: deque[bytes] = deque(maxlen=replies)  # the last ones, packed, oldest first
+        self.fence = 0  # the Redis store's attach fence (0: memory store)
         self.attached = False
         self.last_seen = time.monotonic()  # attached: last client message; detached: detach time
+
+    def record(self, seq: int, packed_reply: bytes) -> None:
+        """Echo reply ``seq`` is answered (and, with Redis, stored)."""
+        self.replies.append(packed_reply)
+        self.seq = seq
+
+    def missed(self, last_seq: int) -> list[bytes]:
+        """The packed replies after ``last_seq`` (the client's last), for a resume to re-send.
+
+        ``InvalidInput`` if ``last_seq`` is ahead of the session or behind the kept replies.
+        """
+        if not 0 <= last_seq <= self.seq:
+            raise InvalidInput(
+                f"last_seq {last_seq} is not between 0 and the session's seq {self.seq}",
+                "invalid_last_seq",
+            )
+        missed = [r for r in self.replies if reply_seq(r) > last_seq]
+        if len(missed) < self.seq - last_seq:
+            raise InvalidInput(
+                f"replies after {last_seq} are no longer kept (only the last {len(self.replies)}"
+                f" up to seq {self.seq}); resume without last_seq to continue from seq {self.seq}",
+                "replay_unavailable",
+            )
+        return missed
 
 
 class SessionStore:
     """Live sessions (attached to a connection or resumable until ``ttl_s`` idle) and states."""
 
     def __init__(
-        self, initial_state: np.ndarray, max_sessions: int, ttl_s: float, capacity: int = 1024
+        self,
+        initial_state: np.ndarray,
+        max_sessions: int,
+        ttl_s: float,
+        capacity: int = 1024,
+        replies: int = 4,
+        keep_detached: bool = True,
     ) -> None:
         self.initial = np.asarray(initial_state, np.float32).reshape(-1)
         self.max_sessions, self.ttl_s = max_sessions, ttl_s
+        self.replies, self.keep_detached = replies, keep_detached
         capacity = max(1, min(capacity, max_sessions))
         self.states = np.tile(self.initial, (capacity, 1))
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low slots first
@@ -60,6 +99,35 @@ class SessionStore:
 
         Refused (``Overloaded``) only when all ``max_sessions`` sessions are attached.
         """
+        session = self._new(secrets.token_urlsafe(16), secrets.token_urlsafe(32))
+        log.info("echo session opened", extra={"session": session.id, "resumed": False})
+        return session
+
+    def adopt(
+        self, session_id: str, token: str, state: np.ndarray, seq: int, replies: Iterable[bytes]
+    ) -> Session:
+        """An attached session read back from the Redis store (``keep_detached=False``)."""
+        if session_id in self.sessions:  # a connection here still has it (its lease lapsed)
+            raise Conflict(
+                "the session is attached to another connection; retry once that one closes",
+                "session_in_use",
+            )
+        session = self._new(session_id, token)
+        self.states[session.slot] = state
+        session.seq = seq
+        session.replies.extend(replies)
+        log.info("echo session opened", extra={"session": session.id, "resumed": True})
+        return session
+
+    def discard(self, session: Session) -> None:
+        """Forget a session at once (it could not be stored)."""
+        if session.attached:
+            session.attached = False
+            ECHO_ACTIVE_SESSIONS.dec()
+        if session.id in self.sessions:
+            self._drop(session)
+
+    def _new(self, session_id: str, token: str) -> Session:
         if len(self.sessions) >= self.max_sessions:
             if not self._detached:
                 raise Overloaded(
@@ -76,11 +144,10 @@ class SessionStore:
             self._grow()
         slot = self._free.pop()
         self.states[slot] = self.initial
-        session = Session(secrets.token_urlsafe(16), secrets.token_urlsafe(32), slot)
+        session = Session(session_id, token, slot, self.replies)
         self.sessions[session.id] = session
         self._attach(session)
         ECHO_STORED_SESSIONS.set(len(self.sessions))
-        log.info("echo session opened", extra={"session": session.id, "resumed": False})
         return session
 
     def resume(self, session_id: str, token: str) -> Session:
@@ -113,8 +180,11 @@ class SessionStore:
             return
         session.attached = False
         session.last_seen = time.monotonic()
-        self._detached[session.id] = session
         ECHO_ACTIVE_SESSIONS.dec()
+        if self.keep_detached:
+            self._detached[session.id] = session
+        else:  # the Redis store holds it; another process may advance it from now on
+            self._drop(session)
         log.info(
             "echo session detached", extra={"session": session.id, "seq": session.seq, **log_extra}
         )
