@@ -39,14 +39,16 @@ def redis_executable() -> str:
 class RedisServer:
     """``redis-server`` in a subprocess; :meth:`stop` and :meth:`start` keep its port and data."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, password: str = "") -> None:
         self.data_dir, self.port = Path(data_dir), port or free_port()
+        self.password = password
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         command = [
@@ -57,6 +59,7 @@ class RedisServer:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 (the child writes it)
         self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -77,14 +80,14 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
 
 @contextmanager
-def running_redis(data_dir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(data_dir)
+def running_redis(data_dir: Path, password: str = "") -> Iterator[RedisServer]:
+    server = RedisServer(data_dir, password=password)
     server.start()
     try:
         yield server

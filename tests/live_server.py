@@ -4,6 +4,9 @@ Loaded as a pytest plugin (see ``addopts`` in pyproject.toml): the session-wide 
 fixture serves the shipped models; ``start_server(...)`` starts extra ones with other settings.
 Starting, waiting for /livez and /readyz and stopping belong to ``bench/server.py``, which the
 benchmarks use too; this module adds the tests' defaults, the fixture and ``wait_until``.
+
+``redis`` is a real ``redis-server`` (``bench/redis_server.py``) for the whole session, and
+``live_redis_server`` the service with its echo sessions in it (``ECHO_STORE_URL``).
 """
 
 from __future__ import annotations
@@ -16,10 +19,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.redis_server import RedisServer, running_redis
 from bench.server import REPO, SERVER_COMMAND, free_port, running
 from bench.server import Server as LiveServer
 
-__all__ = ["REPO", "SERVER_COMMAND", "LiveServer", "free_port", "start_server", "wait_until"]
+__all__ = [
+    "REPO",
+    "SERVER_COMMAND",
+    "LiveServer",
+    "RedisServer",
+    "free_port",
+    "start_server",
+    "wait_until",
+]
 
 TEST_ENV = {"TIMEOUT_GRACEFUL_SHUTDOWN_S": "5"}  # a stopped server is gone within seconds
 
@@ -68,4 +80,22 @@ def start_server(
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The service with default settings and the shipped models, shared by the whole session."""
     with start_server(tmp_path_factory.mktemp("live_server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the session (never skipped: a missing binary fails loudly)."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def live_redis_server(
+    tmp_path_factory: pytest.TempPathFactory, redis: RedisServer
+) -> Iterator[LiveServer]:
+    """The service with default settings, its echo sessions in ``redis``."""
+    with start_server(
+        tmp_path_factory.mktemp("live_redis_server"), {"ECHO_STORE_URL": redis.url}
+    ) as server:
         yield server

@@ -1,7 +1,9 @@
 """``WS /echo`` against a real uvicorn server: sessions, resume, reset, refusals, limits, readiness.
 
-Most tests share the session-wide ``live_server`` (shipped models, default settings); the TTL /
-session-cap and readiness tests start servers of their own.
+Most tests run against both session stores (``echo_server``: the session-wide ``live_server``
+with sessions in memory, and ``live_redis_server`` with them in a real Redis); the TTL /
+session-cap and readiness tests start servers of their own. ``tests/test_echo_redis.py`` has
+what only Redis does (several servers, crashes, Redis outages).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ from tests.live_server import (
 from tests.metrics import sample_value
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["memory", "redis"])
+def echo_server(request: pytest.FixtureRequest) -> LiveServer:
+    """The shared server with echo sessions in memory, or the one with them in Redis."""
+    name = "live_server" if request.param == "memory" else "live_redis_server"
+    return request.getfixturevalue(name)
 
 
 @contextmanager
@@ -85,17 +94,17 @@ def refusal(server: LiveServer, query: str = "") -> tuple[int, str]:
     return ws.close_code, ws.close_reason or ""
 
 
-def test_session_frame(live_server: LiveServer) -> None:
-    with session(live_server) as (_, frame):
+def test_session_frame(echo_server: LiveServer) -> None:
+    with session(echo_server) as (_, frame):
         assert frame["type"] == "session" and frame["resumed"] is False
         assert frame["echo_step"] == 3 and frame["seq"] == 0
         assert len(frame["session_id"]) >= 20 and len(frame["token"]) >= 40
 
 
-def test_resumed_stream_equals_unbroken_stream_and_echoes_input(live_server: LiveServer) -> None:
+def test_resumed_stream_equals_unbroken_stream_and_echoes_input(echo_server: LiveServer) -> None:
     rng = random.Random(1234)
     bits = [rng.randint(0, 1) for _ in range(10_007)]
-    with session(live_server) as (ws, _):
+    with session(echo_server) as (ws, _):
         unbroken = stream(ws, bits, random_sizes(rng, len(bits), 97))
 
     sizes = random_sizes(rng, len(bits), 97)
@@ -103,7 +112,7 @@ def test_resumed_stream_equals_unbroken_stream_and_echoes_input(live_server: Liv
     pieces = [sizes[a:b] for a, b in zip([0, *split_at], [*split_at, len(sizes)], strict=True)]
     resumed, seqs, query, offset = [], [], "", 0
     for i, piece in enumerate(pieces):
-        with session(live_server, query) as (ws, frame):
+        with session(echo_server, query) as (ws, frame):
             assert frame["resumed"] is (i > 0) and frame["seq"] == len(seqs)
             query = resume_query(frame)
             for size in piece:
@@ -118,12 +127,12 @@ def test_resumed_stream_equals_unbroken_stream_and_echoes_input(live_server: Liv
     assert predicted == [0, 0, 0, *bits[:-3]]  # the input delayed by echo_step
 
 
-def test_reset_returns_to_the_initial_state(live_server: LiveServer) -> None:
+def test_reset_returns_to_the_initial_state(echo_server: LiveServer) -> None:
     rng = random.Random(7)
     probe = [rng.randint(0, 1) for _ in range(40)]
-    with session(live_server) as (fresh, _):
+    with session(echo_server) as (fresh, _):
         expected = send_bits(fresh, probe)
-    with session(live_server) as (ws, _):
+    with session(echo_server) as (ws, _):
         send_bits(ws, [1, 1, 0, 1, 1])
         ws.send('{"type": "reset"}')
         assert json.loads(ws.recv(timeout=10)) == {"type": "reset"}
@@ -133,20 +142,47 @@ def test_reset_returns_to_the_initial_state(live_server: LiveServer) -> None:
     assert after["seq"] == 2  # seq counts echo replies and is not reset
 
 
-def test_refusals_carry_a_close_code_and_reason(live_server: LiveServer) -> None:
-    with session(live_server) as (ws, frame):
+def test_refusals_carry_a_close_code_and_reason(echo_server: LiveServer) -> None:
+    with session(echo_server) as (ws, frame):
         send_bits(ws, [1, 0, 1])
-        code, reason = refusal(live_server, resume_query(frame))  # still attached here
+        code, reason = refusal(echo_server, resume_query(frame))  # still attached here
         assert (code, reason.split(":")[0]) == (1013, "session_in_use")
-    code, reason = refusal(live_server, f"?session_id={frame['session_id']}&token=wrong")
+    code, reason = refusal(echo_server, f"?session_id={frame['session_id']}&token=wrong")
     assert (code, reason.split(":")[0]) == (1008, "invalid_token")
-    code, reason = refusal(live_server, f"?session_id=nope&token={frame['token']}")
+    code, reason = refusal(echo_server, f"?session_id=nope&token={frame['token']}")
     assert (code, reason.split(":")[0]) == (1008, "session_not_found")
-    code, reason = refusal(live_server, f"?session_id={frame['session_id']}")
+    code, reason = refusal(echo_server, f"?session_id={frame['session_id']}")
     assert (code, reason.split(":")[0]) == (1008, "invalid_resume")
-    with session(live_server, resume_query(frame)) as (ws, again):  # the refusals changed nothing
+    with session(echo_server, resume_query(frame)) as (ws, again):  # the refusals changed nothing
         assert again["resumed"] and again["seq"] == 1
         assert send_bits(ws, [0, 0, 0])["bits"] == [1, 0, 1]
+
+
+def test_resume_with_last_seq_resends_the_missed_replies(echo_server: LiveServer) -> None:
+    """``&last_seq=N`` re-sends the echo frames after N, exactly as first sent (text equal)."""
+    with session(echo_server) as (ws, frame):
+        sent = []
+        for bits in ([1, 0], [1, 1, 1], [0], [1, 0, 0, 1], [1]):
+            ws.send(json.dumps({"bits": bits}))
+            sent.append(ws.recv(timeout=10))
+    query = resume_query(frame)
+    with session(echo_server, f"{query}&last_seq=3") as (ws, again):
+        assert again["resumed"] and again["seq"] == 5
+        assert [ws.recv(timeout=10), ws.recv(timeout=10)] == sent[3:]  # seq 4 and 5, verbatim
+        assert send_bits(ws, [0, 0, 0])["seq"] == 6  # then the stream goes on
+    with session(echo_server, f"{query}&last_seq=6") as (ws, again):
+        assert again["seq"] == 6
+        assert send_bits(ws, [1])["seq"] == 7  # nothing missed, nothing re-sent
+    code, reason = refusal(echo_server, f"{query}&last_seq=8")  # ahead of the session
+    assert (code, reason.split(":")[0]) == (1008, "invalid_last_seq")
+    code, reason = refusal(echo_server, f"{query}&last_seq=1")  # only the last 4 are kept
+    assert (code, reason.split(":")[0]) == (1008, "replay_unavailable")
+    code, reason = refusal(echo_server, f"{query}&last_seq=-1")
+    assert (code, reason.split(":")[0]) == (1008, "invalid_resume")
+    code, reason = refusal(echo_server, "?last_seq=0")  # without a session
+    assert (code, reason.split(":")[0]) == (1008, "invalid_resume")
+    with session(echo_server, f"{query}&last_seq=7") as (ws, again):  # the refusals let go
+        assert again["seq"] == 7
 
 
 MALFORMED: list[tuple[str | bytes, str]] = [
@@ -177,14 +213,14 @@ MALFORMED: list[tuple[str | bytes, str]] = [
 
 
 def test_malformed_frames_get_error_frames_and_leave_the_session_intact(
-    live_server: LiveServer,
+    echo_server: LiveServer,
 ) -> None:
     rng = random.Random(3)
     bits = [rng.randint(0, 1) for _ in range(60)]
-    with session(live_server) as (ws, _):
+    with session(echo_server) as (ws, _):
         expected = stream(ws, bits, [20, 20, 20])
     got: list[float] = []
-    with session(live_server) as (ws, _):
+    with session(echo_server) as (ws, _):
         for i, (frame, code) in enumerate(MALFORMED):
             if i in (0, len(MALFORMED) // 3, 2 * len(MALFORMED) // 3):
                 got += send_bits(ws, bits[len(got) : len(got) + 20])["probabilities"]
@@ -196,7 +232,7 @@ def test_malformed_frames_get_error_frames_and_leave_the_session_intact(
     assert got == expected
 
 
-def test_every_server_frame_matches_its_documented_schema(live_server: LiveServer) -> None:
+def test_every_server_frame_matches_its_documented_schema(echo_server: LiveServer) -> None:
     """The pydantic frames in app/schemas/echo.py are the protocol's documentation: keep them true
     (same fields, values that validate) for every kind of frame the server sends."""
 
@@ -204,7 +240,7 @@ def test_every_server_frame_matches_its_documented_schema(live_server: LiveServe
         assert set(frame) == set(model.model_fields), (model.__name__, frame)
         model.model_validate(frame, strict=True)
 
-    with session(live_server) as (ws, frame):
+    with session(echo_server) as (ws, frame):
         check(SessionFrame, frame)
         check(EchoFrame, send_bits(ws, [1, 0, 1]))
         ws.send('{"type": "reset"}')

@@ -45,6 +45,7 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,  # which worker (WEB_CONCURRENCY > 1)
             "msg": redact(record.getMessage()),
         }
         for key, value in record.__dict__.items():

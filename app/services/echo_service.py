@@ -58,6 +58,7 @@ class EchoService:
         self.durable = durable_store(settings)
         self.commits = GroupCommit(self.durable) if self.durable else None
         self._keeper: asyncio.Task[None] | None = None
+        self._releasing: dict[str, asyncio.Future[None]] = {}  # leases being given back
         self.limits = ClientLimits(
             settings.echo_new_sessions_per_s,
             settings.echo_new_sessions_burst,
@@ -171,8 +172,15 @@ class EchoService:
             return
         self.store.detach(session, **log_extra)
         if self.durable is not None:
-            with contextlib.suppress(ServiceError):  # it lapses after ECHO_LEASE_S otherwise
-                await self.durable.release([(session.id, session.fence)])
+            # A client that reconnects here at once waits for this instead of session_in_use.
+            released = self._releasing[session.id] = asyncio.get_running_loop().create_future()
+            try:
+                with contextlib.suppress(ServiceError):  # it lapses after ECHO_LEASE_S otherwise
+                    await self.durable.release([(session.id, session.fence)])
+            finally:
+                released.set_result(None)
+                if self._releasing.get(session.id) is released:
+                    del self._releasing[session.id]
 
     async def store_step(self, session: Session, seq: int, packed_reply: bytes | None) -> None:
         """With Redis: store the session's state as of step ``seq`` before it is answered.
@@ -194,6 +202,9 @@ class EchoService:
 
     async def _attach_durable(self, session_id: str, token: str) -> Session:
         assert self.store is not None and self.durable is not None
+        releasing = self._releasing.get(session_id)
+        if releasing is not None:
+            await releasing
         stored = await self.durable.acquire(session_id, token)
         try:
             if stored.version != self.version:
