@@ -27,12 +27,11 @@ from starlette.websockets import WebSocketDisconnect
 from app.api.echo_frames import FrameError, parse_frame
 from app.api.errors import close_code, close_reason
 from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
-from app.services.echo_replies import echo_frame, pack_reply, unpack_frame
+from app.services.echo_replies import echo_frame, unpack_frame
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import Session
 from app.services.errors import GoingAway, InvalidInput, NotReady, ServiceError
-from app.services.group_commit import LeaseLost
-from app.services.redis_sessions import StoreUnavailable
+from app.services.redis_sessions import LeaseLost, StoreUnavailable
 from app.state import app_state
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
     # The raw ASGI callables under Starlette's state checks (a few % of the per-message CPU);
     # a send to a vanished client raises OSError (uvicorn's ClientDisconnected).
     receive, send = websocket._receive, websocket._send
-    frame_error, clock, durable = FrameError, time.monotonic, service.durable is not None
+    frame_error, clock = FrameError, time.monotonic
     while True:
         message = await receive()
         session.last_seen = clock()  # any frame counts against ECHO_IDLE_TIMEOUT_S
@@ -133,11 +132,7 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
                 await service.reset(session)
                 await send({"type": "websocket.send", "text": '{"type":"reset"}'})
                 continue
-            probs, bits = await service.advance(session, chunk)
-            seq = session.seq + 1
-            packed = pack_reply(seq, probs, bits)
-            if durable:  # stored before it is answered
-                await service.store_step(session, seq, packed)
+            probs, bits, seq, packed = await service.advance(session, chunk)  # (stored)
         except GoingAway:
             return "server stopping"
         except ServiceError as exc:  # model or store failed, deadline passed: say so, end here

@@ -14,31 +14,44 @@ its connection went away) leaves the session at its last fully answered message.
 message changes the state only when it is answered; a long message keeps its starting state and
 :meth:`Message.undo` puts it back. A connection submits its next message only after the previous
 one is answered, so a session is in at most one call at a time and its messages run in order.
+
+An answered message gets its reply's ``seq`` and packed form (:class:`Echoed`). With the Redis
+store, :meth:`EchoSteps.settle` then stores the new states of all the call's answered messages in
+one round trip before any of them is answered (durable before acknowledged); a message whose step
+could not be stored fails with ``StoreUnavailable`` or ``LeaseLost`` instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from app.core.metrics import ECHO_MESSAGES
+from app.core.metrics import ECHO_MESSAGES, ECHO_STORE_WRITES
 from app.services.batching import AGAIN
-from app.services.echo_sessions import SessionStore
+from app.services.echo_replies import pack_reply
+from app.services.echo_sessions import Session, SessionStore
 from app.services.models import EchoModel
+from app.services.redis_sessions import LeaseLost, RedisSessions, Step, StoreUnavailable
 
-# What an answered message gets: (P(bit = 1) float32 [n], predicted bits uint8 [n]).
-EchoResult = tuple[np.ndarray, np.ndarray]
+
+class Echoed(NamedTuple):
+    """What an answered message gets."""
+
+    probs: np.ndarray  # P(bit = 1), float32 [n]
+    bits: np.ndarray  # predicted bits, uint8 [n]
+    seq: int  # the reply's seq: the session's previous one + 1
+    packed: bytes  # the reply packed (app.services.echo_replies), kept for last_seq resumes
 
 
 class Message:
     """One session's message in flight: the bits still to run and the answers so far."""
 
-    __slots__ = ("bits", "chunk", "done", "probs", "saved", "slot", "store")
+    __slots__ = ("bits", "chunk", "done", "probs", "saved", "session", "slot", "store")
 
-    def __init__(self, store: SessionStore, slot: int, chunk: bytes) -> None:
-        self.store, self.slot, self.chunk = store, slot, chunk
+    def __init__(self, store: SessionStore, session: Session, chunk: bytes) -> None:
+        self.store, self.session, self.slot, self.chunk = store, session, session.slot, chunk
         self.done = 0  # bits answered so far
         self.saved: np.ndarray | None = None  # the state before a long message's first slice
         self.probs: list[np.ndarray] = []
@@ -51,10 +64,16 @@ class Message:
 
 
 class EchoSteps:
-    """Gather, step, scatter; slices of at most ``max_steps`` bits per call."""
+    """Gather, step, scatter; slices of at most ``max_steps`` bits per call; store (Redis)."""
 
-    def __init__(self, model: EchoModel, store: SessionStore, max_steps: int) -> None:
-        self.model, self.store, self.max_steps = model, store, max_steps
+    def __init__(
+        self,
+        model: EchoModel,
+        store: SessionStore,
+        max_steps: int,
+        durable: RedisSessions | None = None,
+    ) -> None:
+        self.model, self.store, self.max_steps, self.durable = model, store, max_steps, durable
 
     def rows(self, message: Message) -> int:
         return 1
@@ -103,7 +122,7 @@ class EchoSteps:
         for i, m in enumerate(messages):
             n = min(len(m.chunk) - m.done, self.max_steps)
             if m.done == 0 and n == len(m.chunk):  # the usual case: the whole message at once
-                results.append((probs[i, :n], bits[i, :n]))
+                results.append(_echoed(m.session, probs[i, :n], bits[i, :n]))
                 answered += 1
                 continue
             m.probs.append(probs[i, :n].copy())
@@ -112,7 +131,35 @@ class EchoSteps:
             if m.done < len(m.chunk):
                 results.append(AGAIN)
             else:
-                results.append((np.concatenate(m.probs), np.concatenate(m.bits)))
+                results.append(_echoed(m.session, np.concatenate(m.probs), np.concatenate(m.bits)))
                 answered += 1
         ECHO_MESSAGES.inc(answered)
         return results
+
+    async def settle(self, messages: list[Message], results: list[Any]) -> list[Any]:
+        """With Redis: store the answered messages' steps in one round trip, or fail them."""
+        if self.durable is None:
+            return results
+        index = [i for i, r in enumerate(results) if type(r) is Echoed]
+        if not index:
+            return results
+        states = self.store.states
+        steps = []
+        for i in index:
+            session, echoed = messages[i].session, results[i]
+            state = states[session.slot].tobytes()
+            steps.append(Step(session.id, session.fence, state, echoed.seq, echoed.packed))
+        ECHO_STORE_WRITES.observe(len(steps))
+        try:
+            stored = await self.durable.commit(steps)
+        except StoreUnavailable as exc:
+            stored = [exc] * len(steps)
+        for i, ok in zip(index, stored, strict=True):
+            if ok is not True:
+                results[i] = ok if isinstance(ok, Exception) else LeaseLost()
+        return results
+
+
+def _echoed(session: Session, probs: np.ndarray, bits: np.ndarray) -> Echoed:
+    seq = session.seq + 1
+    return Echoed(probs, bits, seq, pack_reply(seq, probs, bits))

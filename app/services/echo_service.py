@@ -10,10 +10,10 @@ leaves its session at its last answered message. The sweeper also ends connectio
 client address's sessions.
 
 With ``ECHO_STORE_URL=redis://...`` (:class:`RedisSessions`) sessions live in Redis: :meth:`open`
-creates or attaches them there (taking the attach lease), :meth:`store_step` stores each step
-before it is answered (``GroupCommit``: one round trip per model call), a keeper task renews the
-leases of this process's attached sessions and ends the connections whose lease was taken over,
-and :meth:`close` / :meth:`stop` give leases back so the sessions resume elsewhere at once.
+creates or attaches them there (taking the attach lease), the batcher stores every model call's
+steps before answering them (``EchoSteps.settle``: one round trip per call), a keeper task renews
+the leases of this process's attached sessions and ends the connections whose lease was taken
+over, and :meth:`close` / :meth:`stop` give leases back so the sessions resume elsewhere at once.
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from app.core.config import Settings
 from app.core.metrics import ECHO_CUT_OFF
 from app.services.batching import Batcher, BatchMetrics
 from app.services.client_limits import ClientLimits, client_key
-from app.services.echo_batching import EchoResult, EchoSteps, Message
+from app.services.echo_batching import Echoed, EchoSteps, Message
 from app.services.echo_sessions import Session, SessionStore
 from app.services.errors import GoingAway, IdleTimeout, NotFound, ServiceError
-from app.services.group_commit import GroupCommit, LeaseLost
 from app.services.models import EchoModel
-from app.services.redis_sessions import RedisSessions, Step
+from app.services.redis_sessions import LeaseLost, RedisSessions, Step
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +49,12 @@ class EchoService:
     def __init__(self, model: EchoModel, settings: Settings) -> None:
         self.model, self.settings = model, settings
         self.store: SessionStore | None = None
-        self.batcher: Batcher[Message, EchoResult] | None = None
+        self.batcher: Batcher[Message, Echoed] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._connections: dict[str, Closable] = {}
         self._clients: dict[str, str] = {}  # session id -> its client's limits key
         self._ending: set[asyncio.Task[None]] = set()
         self.durable = durable_store(settings)
-        self.commits = GroupCommit(self.durable) if self.durable else None
         self._keeper: asyncio.Task[None] | None = None
         self._releasing: dict[str, asyncio.Future[None]] = {}  # leases being given back
         self.limits = ClientLimits(
@@ -86,9 +84,9 @@ class EchoService:
         )
         # Unbatched, a message is one call however long; batched, long ones go in slices.
         max_steps = 32 if s.batching_enabled else s.echo_max_bits_per_message
-        batcher: Batcher[Message, EchoResult] = Batcher(
+        batcher: Batcher[Message, Echoed] = Batcher(
             "echo",
-            EchoSteps(self.model, self.store, max_steps),
+            EchoSteps(self.model, self.store, max_steps, self.durable),
             enabled=s.batching_enabled,
             max_rows=s.echo_max_batch_sessions,
             max_delay_s=s.echo_max_queue_delay_ms / 1000,
@@ -127,8 +125,7 @@ class EchoService:
                     await task
         if batcher is not None:
             await batcher.stop()
-        if self.durable is not None and self.commits is not None:
-            await self.commits.drain()
+        if self.durable is not None:
             with contextlib.suppress(ServiceError):  # leases lapse by themselves otherwise
                 await self.durable.release(self._leases())
             await self.durable.close()
@@ -181,15 +178,6 @@ class EchoService:
                 released.set_result(None)
                 if self._releasing.get(session.id) is released:
                     del self._releasing[session.id]
-
-    async def store_step(self, session: Session, seq: int, packed_reply: bytes | None) -> None:
-        """With Redis: store the session's state as of step ``seq`` before it is answered.
-
-        ``packed_reply`` None: a reset. Raises ``StoreUnavailable`` or ``LeaseLost``.
-        """
-        assert self.store is not None and self.commits is not None
-        state = self.store.states[session.slot].tobytes()
-        await self.commits.store(Step(session.id, session.fence, state, seq, packed_reply))
 
     async def _create_durable(self, session: Session) -> None:
         assert self.store is not None and self.durable is not None
@@ -248,15 +236,15 @@ class EchoService:
             except ServiceError:
                 continue  # recorded by the store; the writes are fenced anyway
 
-    async def advance(self, session: Session, chunk: bytes) -> EchoResult:
-        """Advance ``session`` by one message's bits → (probabilities, predicted bits).
+    async def advance(self, session: Session, chunk: bytes) -> Echoed:
+        """Advance ``session`` by one message's bits → probabilities, bits, the reply's seq.
 
         All or nothing: if it fails (or the caller is cancelled), the session's state stays as
         it was after its last answered message.
         """
         if self.batcher is None or self.store is None:
             raise GoingAway("the echo service is not running", "shutting_down")
-        message = Message(self.store, session.slot, chunk)
+        message = Message(self.store, session, chunk)
         try:
             return await self.batcher.submit(message)
         except BaseException:
@@ -268,7 +256,10 @@ class EchoService:
         assert self.store is not None
         self.store.reset(session)
         if self.durable is not None:
-            await self.store_step(session, session.seq, None)
+            state = self.store.initial.tobytes()
+            step = Step(session.id, session.fence, state, session.seq, None)
+            if not (await self.durable.commit([step]))[0]:
+                raise LeaseLost()
 
     async def _sweep(self) -> None:
         assert self.store is not None

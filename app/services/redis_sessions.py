@@ -22,6 +22,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import redis.asyncio as redis
@@ -108,6 +109,15 @@ class StoreUnavailable(Overloaded):
     code = "store_unavailable"
 
 
+class LeaseLost(Conflict):
+    """Another connection attached the session meanwhile: this one's fence is stale."""
+
+    code = "lease_lost"
+
+    def __init__(self, detail: str = "another connection attached the session") -> None:
+        super().__init__(detail)
+
+
 @dataclass(frozen=True)
 class Stored:
     """A session as read back from Redis when it is attached."""
@@ -119,8 +129,7 @@ class Stored:
     replies: list[bytes]  # oldest first
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One session's step to store: its new state and seq, and the reply (None: a reset)."""
 
     session_id: str

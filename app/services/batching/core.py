@@ -4,7 +4,9 @@ Items (a digit request's images, an echo message) join one FIFO queue; one dispa
 model calls of up to ``max_rows`` rows and runs them one at a time on a dedicated worker thread.
 The :class:`Adapter` says what a call is: ``prepare`` gathers the items' inputs (event loop),
 ``compute`` runs the model (worker thread), ``finish`` hands each item its result (event loop) or
-:data:`AGAIN` for an item that needs another call (it then goes first into the next one).
+:data:`AGAIN` for an item that needs another call (it then goes first into the next one). An
+adapter may also ``settle`` a call's results (a coroutine, e.g. storing them) before any item is
+answered.
 
 When to dispatch. A model call costs a fixed part plus a small per-row part, so throughput comes
 from rows per call and latency suffers from any wait. The batcher therefore
@@ -69,6 +71,9 @@ class Adapter(Protocol[T, R]):
         ``done[i]``: item i has already been answered (deadline) and must not change state."""
         ...
 
+    # Optional: ``async def settle(items, results) -> results``, awaited after ``finish`` and
+    # before any item is answered (the echo adapter stores the new states there).
+
 
 @dataclass(frozen=True)
 class BatchMetrics:
@@ -128,6 +133,7 @@ class Batcher(Generic[T, R]):
         self._idle = asyncio.Event()  # nothing queued or running (for the drain)
         self._idle_wait = IdleWaitPolicy()
         self._tasks: list[asyncio.Task[None]] = []
+        self._settle = getattr(adapter, "settle", None)
 
     @property
     def running(self) -> bool:
@@ -236,6 +242,8 @@ class Batcher(Generic[T, R]):
             output = await loop.run_in_executor(self.executor, self._compute, payload, jobs)
             done = [job.future.done() for job in jobs]
             results = self.adapter.finish(items, output, done)
+            if self._settle is not None:
+                results = await self._settle(items, results)
         except Exception as exc:  # fail this call's items, not the batcher
             self._fail_call(jobs, exc)
             return
@@ -313,6 +321,8 @@ class Batcher(Generic[T, R]):
                         future = loop.run_in_executor(self.executor, self._compute, payload, [job])
                         output = await future
                         (result,) = self.adapter.finish([job.item], output, [False])
+                        if self._settle is not None:
+                            (result,) = await self._settle([job.item], [result])
                     except Exception as exc:
                         self._fail_call([job], exc)
                         return await job.future

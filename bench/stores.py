@@ -1,0 +1,190 @@
+"""Echo with sessions in Redis vs in memory, and 1 vs 2 workers, side by side in one run.
+
+    .venv/bin/python -m bench.stores [--rounds 3] [--duration 5] [--out bench/results]
+
+Starts a real ``redis-server`` (``bench/redis_server.py``) and three servers that stay up for the
+whole run: ``memory`` (``ECHO_STORE_URL=memory://``), ``redis`` and ``redis-2w``
+(``WEB_CONCURRENCY=2``). Every round drives each in turn with ``bench.loadgen`` (1-bit messages,
+closed loop, 200 and 1,000 sessions), so drifts of a shared machine hit all alike. Reports
+msgs/s, p50/p99, the ratios to ``memory`` of the same round, and the CPU of every process
+(each server process, each worker, redis-server, the load generator) over the measurement.
+Writes ``stores.json`` and ``stores.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import server
+from bench.redis_server import running_redis
+
+SESSIONS = (200, 1000)
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError):
+        return 0.0
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def processes(srv: server.Server, redis_pid: int) -> dict[str, int]:
+    """The processes whose CPU a measurement reports: the server (and its workers), Redis."""
+    found = {"server": srv.pid}
+    workers = [
+        pid
+        for pid in children(srv.pid)
+        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    for i, pid in enumerate(workers):
+        found[f"worker{i + 1}"] = pid
+    found["redis-server"] = redis_pid
+    return found
+
+
+def drive(srv: server.Server, redis_pid: int, sessions: int, args: argparse.Namespace) -> dict:
+    procs = processes(srv, redis_pid)
+    cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(srv.port)]
+    cmd += ["--server-pid", str(srv.pid), f"--echo={sessions}:1", "--max-other", "400"]
+    cmd += ["--warmup", str(args.warmup), "--duration", str(args.duration)]
+    before = {name: cpu_s(pid) for name, pid in procs.items()}
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, cwd=server.REPO, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        sys.exit(f"load generator failed:\n{done.stderr[-2000:]}")
+    (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if "error" in row:
+        sys.exit(f"load generator: {row['error']}")
+    cpu = {name: 100 * (cpu_s(pid) - before[name]) / wall for name, pid in procs.items()}
+    loadgen = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+    cpu["loadgen"] = 100 * loadgen / wall
+    return {
+        "msgs_per_s": row["msgs_per_s"],
+        "p50_ms": row["p50_ms"],
+        "p99_ms": row["p99_ms"],
+        "cpu_pct_whole_run": cpu,
+        "verify": row.get("verify"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--out", type=Path, default=server.REPO / "bench" / "results")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stores-"))
+    rows: list[dict[str, Any]] = []
+    with running_redis(tmp / "redis") as redis:
+        assert redis.proc is not None
+        configs = {
+            "memory": {"ECHO_STORE_URL": "memory://"},
+            "redis": {"ECHO_STORE_URL": redis.url},
+            "redis-2w": {"ECHO_STORE_URL": redis.url, "WEB_CONCURRENCY": "2"},
+        }
+        servers = {}
+        try:
+            for name, env in configs.items():
+                servers[name] = server.start(env, tmp / f"{name}.log", timeout=180)
+                time.sleep(5 if "WEB_CONCURRENCY" in env else 0)  # the other worker too
+            for r in range(args.rounds):
+                for n in SESSIONS:
+                    for name, srv in servers.items():
+                        row = {"round": r, "sessions": n, "config": name}
+                        row |= drive(srv, redis.proc.pid, n, args)
+                        rows.append(row)
+                        cpu = ", ".join(
+                            f"{k} {v:.0f}%" for k, v in row["cpu_pct_whole_run"].items()
+                        )
+                        print(
+                            f"round {r} {n:>5} sessions {name:>9}: {row['msgs_per_s']:8,.0f}"
+                            f" msgs/s p50 {row['p50_ms']:6.2f} p99 {row['p99_ms']:6.2f} ms"
+                            f"  CPU: {cpu}",
+                            flush=True,
+                        )
+        finally:
+            for srv in servers.values():
+                server.stop(srv)
+    write(rows, args)
+
+
+def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    summary = []
+    for n in SESSIONS:
+        base = {r["round"]: r for r in rows if r["sessions"] == n and r["config"] == "memory"}
+        for name in ("memory", "redis", "redis-2w"):
+            mine = [r for r in rows if r["sessions"] == n and r["config"] == name]
+            ratios = [r["msgs_per_s"] / base[r["round"]]["msgs_per_s"] for r in mine]
+            p99 = [r["p99_ms"] / base[r["round"]]["p99_ms"] for r in mine]
+            cpu: dict[str, float] = {}
+            for key in mine[0]["cpu_pct_whole_run"]:
+                cpu[key] = statistics.median(r["cpu_pct_whole_run"][key] for r in mine)
+            summary.append({
+                "sessions": n,
+                "config": name,
+                "msgs_per_s": statistics.median(r["msgs_per_s"] for r in mine),
+                "p50_ms": statistics.median(r["p50_ms"] for r in mine),
+                "p99_ms": statistics.median(r["p99_ms"] for r in mine),
+                "throughput_vs_memory": statistics.median(ratios),
+                "p99_vs_memory": statistics.median(p99),
+                "cpu_pct": cpu,
+            })  # fmt: skip
+    meta = {
+        "command": "python -m bench.stores " + " ".join(sys.argv[1:]),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "cpu_count": os.cpu_count(),
+        "loadavg_after": os.getloadavg(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "stores.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n"
+    )
+    lines = [
+        "# Echo: sessions in Redis vs in memory, 1 vs 2 workers",
+        "",
+        f"`{meta['command']}` on {meta['cpu_count']} cores; medians of {args.rounds} rounds "
+        f"({args.duration:g} s windows, 1-bit messages, closed loop); ratios are per round "
+        "against `memory`. CPU: % of one core over the whole load-generator run.",
+        "",
+        "| sessions | store | msgs/s | vs memory | p50 ms | p99 ms | p99 vs memory | CPU |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in summary:
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in s["cpu_pct"].items())
+        lines.append(
+            f"| {s['sessions']:,} | {s['config']} | {s['msgs_per_s']:,.0f} | "
+            f"{s['throughput_vs_memory']:.2f}x | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+            f"{s['p99_vs_memory']:.2f}x | {cpu} |"
+        )
+    (args.out / "stores.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
