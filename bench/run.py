@@ -6,7 +6,9 @@
 3. extra cold starts (process start → ``/readyz`` 200);
 4. results table (Markdown + JSON) and plot (PNG) in ``--out`` (default ``bench/results/``);
 5. digits by protocol (``bench.protocols``): ``/predict/digit`` JSON, v2 JSON and v2 binary side
-   by side on a fresh server → ``protocols.{md,json}``; ``--only protocols`` runs just this.
+   by side on a fresh server → ``protocols.{md,json}``; ``--only protocols`` runs just this;
+6. echo with sessions in Redis vs in memory, and 1 vs 2 workers (``bench.stores``) →
+   ``stores.{md,json}``; ``--only stores`` runs just this.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import protocols_report, report, server
+from bench import protocols_report, report, server, stores
 from bench.mnist import IMAGES, MNIST_DIR
 from bench.server import REPO
 
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         help="where to start python -m app (default: this repository)",
     )
     ap.add_argument("--log-level", help="server LOG_LEVEL (default: the service's own, INFO)")
-    ap.add_argument("--only", choices=["protocols"], help="run only this part")
+    ap.add_argument("--only", choices=["protocols", "stores"], help="run only this part")
     ap.add_argument("--rounds", type=int, help="rounds of the protocol comparison (3; quick 1)")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     if args.only == "protocols":
         run_protocols(args, tmp, argv, t0)
+        return
+    if args.only == "stores":
+        run_stores(args)
         return
     results: dict[str, Any] = {
         "meta": {
@@ -234,6 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     log(f"done in {results['meta']['total_s']:.0f}s: " + ", ".join(str(p) for p in paths))
     print(paths[0].read_text())
     run_protocols(args, tmp, argv, time.time())
+    run_stores(args)
+
+
+def run_stores(args: argparse.Namespace) -> None:
+    log(f"echo stores: memory vs Redis vs 2 workers, {args.rounds} rounds")
+    stores.measure(
+        argparse.Namespace(
+            rounds=args.rounds, warmup=args.warmup, duration=args.duration, out=args.out
+        )
+    )
 
 
 def run_protocols(args: argparse.Namespace, tmp: Path, argv: list[str] | None, t0: float) -> None:

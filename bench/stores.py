@@ -91,13 +91,17 @@ def drive(srv: server.Server, redis_pid: int, sessions: int, args: argparse.Name
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=server.REPO / "bench" / "results")
-    args = ap.parse_args()
+    measure(ap.parse_args(argv))
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Every round, every session count, every configuration; then ``write``."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-stores-"))
     rows: list[dict[str, Any]] = []
     with running_redis(tmp / "redis") as redis:
@@ -155,7 +159,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 "cpu_pct": cpu,
             })  # fmt: skip
     meta = {
-        "command": "python -m bench.stores " + " ".join(sys.argv[1:]),
+        "command": f"python -m bench.stores --rounds {args.rounds} --warmup {args.warmup:g} "
+        f"--duration {args.duration:g}",
         "rounds": args.rounds,
         "duration_s": args.duration,
         "cpu_count": os.cpu_count(),
