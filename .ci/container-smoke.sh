@@ -6,9 +6,15 @@
 # sends real MNIST digits and an echo stream from the host (.ci/smoke_client.py), checks that
 # the server runs as non-root and stops cleanly on SIGTERM, and always takes it down again.
 #
+# Then the scale stack (compose.scale.yaml, project "rnn-serving-scale-smoke"): Redis, two API
+# replicas of the same CPU image and nginx in front; .ci/scale_smoke.py kills the replica that
+# serves an echo stream (SIGKILL) and resumes the stream through nginx on the other one. The
+# stack is always taken down with its volume (down -v).
+#
 # Env: PYTHON   interpreter with httpx, websockets, numpy (default .venv/bin/python)
-#      API_PORT host port on 127.0.0.1 (default 8000)
+#      API_PORT host port on 127.0.0.1 (default 8000; nginx's in the scale part)
 #      SMOKE_HEALTH_TIMEOUT seconds to wait for healthy (default 300)
+#      SMOKE_SCALE=0 skips the scale stack
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -92,5 +98,66 @@ t0=$SECONDS
 code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
 [ "$code" = 0 ] || fail "server exited with $code on SIGTERM (137: it had to be killed)"
 echo "stopped cleanly in $((SECONDS - t0))s"
+
+# --- The scale stack: Redis + 2 API replicas + nginx (compose.scale.yaml) -----------------------
+if [ "${SMOKE_SCALE:-1}" = 0 ]; then
+  step "passed (scale stack skipped: SMOKE_SCALE=0)"
+  exit 0
+fi
+scale_started=$SECONDS
+scale_gpu=(docker compose -f compose.yaml -f compose.scale.yaml)
+scale=(docker compose -p rnn-serving-scale-smoke -f compose.yaml -f compose.cpu.yaml -f compose.scale.yaml)
+
+step "scale stack: compose config, GPU (compose.scale.yaml) and CPU (+ compose.cpu.yaml)"
+"${scale_gpu[@]}" --profile train config --quiet
+"${scale[@]}" --profile train config --quiet
+[ "$(nvidia_reservations "${scale_gpu[@]}")" = 2 ] || fail "the GPU scale stack must keep the GPU reservations"
+[ "$(nvidia_reservations "${scale[@]}")" = 0 ] || fail "the CPU scale stack must not reserve a GPU"
+"${scale[@]}" config --format json | "$PYTHON" -c '
+import json, sys
+s = json.load(sys.stdin)["services"]
+published = {n: [(p.get("host_ip"), p.get("published")) for p in c.get("ports", [])] for n, c in s.items()}
+assert s["api"]["deploy"]["replicas"] == 2, "api: 2 replicas"
+assert s["api"]["environment"]["ECHO_STORE_URL"].startswith("redis://redis:"), "api: Redis store"
+assert {n for n, p in published.items() if p} == {"nginx"}, f"only nginx published: {published}"
+assert all(ip == "127.0.0.1" for ip, _ in published["nginx"]), f"nginx on 127.0.0.1: {published}"
+' || fail "compose.scale.yaml: replicas, store or published ports"
+
+# The single container goes first (same host port); from here on the trap takes the stack down.
+"${cpu[@]}" down --remove-orphans --timeout 30
+scale_cleanup() {
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "--- scale stack: ps and logs (last 100 lines each) ---" >&2
+    "${scale[@]}" ps -a >&2 || true
+    "${scale[@]}" logs --no-color --tail 100 >&2 || true
+  fi
+  "${scale[@]}" down -v --remove-orphans --timeout 30 || true
+  exit "$rc"
+}
+trap scale_cleanup EXIT
+
+step "scale stack: up, the image built above (nginx on 127.0.0.1:$API_PORT)"
+"${scale[@]}" up -d --no-build --pull never --wait --wait-timeout "$health_timeout"
+"${scale[@]}" ps
+redis_cid=$("${scale[@]}" ps -q redis)
+[ "$(docker exec "$redis_cid" redis-cli config get appendonly | tail -n 1)" = yes ] \
+  || fail "Redis runs without its append-only file"
+[ "$(docker exec "$redis_cid" redis-cli config get maxmemory-policy | tail -n 1)" = noeviction ] \
+  || fail "Redis evicts keys (maxmemory-policy is not noeviction)"
+
+step "scale smoke client: kill the replica serving a stream, resume it through nginx"
+"$PYTHON" .ci/scale_smoke.py --project rnn-serving-scale-smoke --base-url "http://127.0.0.1:$API_PORT"
+
+step "scale stack: nginx logged the upgrades, without query strings"
+nginx_log=$("${scale[@]}" logs --no-color nginx)
+grep -q 'GET /echo HTTP/1.1" 101' <<<"$nginx_log" || fail "nginx's access log has no WebSocket upgrades"
+if grep -F '/echo?' <<<"$nginx_log"; then
+  fail "nginx logged a query string (above): resume URLs carry session tokens"
+fi
+
+step "scale stack: down -v"
+"${scale[@]}" down -v --remove-orphans --timeout 30
+echo "scale stack part: $((SECONDS - scale_started))s"
 
 step "passed"

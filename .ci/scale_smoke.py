@@ -23,6 +23,7 @@ and ``/metrics``. Steps:
 5. A resume of the finished session with ``last_seq`` ``--replay-check`` below its end (a client
    that lost its last replies) gets those echo frames again, exactly as first sent.
 6. ``/readyz`` and digits still answer through nginx after the kill.
+7. No container's log (nginx's, the replicas', the killed one's too) holds a session token.
 
 Exits 0 when all checks pass, 1 otherwise. Needs httpx, websockets and numpy (the dev venv).
 """
@@ -187,6 +188,17 @@ async def replicas_serving(containers: dict[str, str], session_id: str, resumed:
                 found.append(cid)
                 break
     return found
+
+
+async def check_no_token_logged(project: str, tokens: list[str]) -> None:
+    """No container of the stack (the killed replica too) wrote a session token to its log."""
+    label = f"label=com.docker.compose.project={project}"
+    ids = (await docker("ps", "-aq", "--filter", label)).split()
+    check(bool(ids), f"no containers in project {project}")
+    for cid in ids:
+        logs = await docker("logs", cid)
+        check(not any(t in logs for t in tokens), f"container {cid} logged a session token")
+    print(f"logs: {len(ids)} containers, no session token in them")
 
 
 async def digits_served(cid: str) -> float:
@@ -378,6 +390,7 @@ async def run(args: argparse.Namespace) -> None:
         check(client.get("/readyz").status_code == 200, "/readyz through nginx after the kill")
     check_digits(args.base_url, images[:10], labels[:10], min(args.min_correct, 9))
     print(f"after the kill: /readyz and 10 digits through nginx in {time.monotonic() - t0:.1f}s")
+    await check_no_token_logged(args.project, [want.session["token"], got.session["token"]])
     print(f"session_in_use retries: {retries.get('session_in_use', 0)} (all retries: {retries})")
 
 
