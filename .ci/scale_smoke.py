@@ -280,6 +280,8 @@ async def killed_stream(
         if seq == args.kill_at and kill is None:
             killed_at = time.monotonic()
             kill = asyncio.create_task(docker("kill", "--signal", "KILL", victim))
+        elif kill is not None and not kill.done() and seq >= len(messages) - args.window:
+            await kill  # a slow `docker kill` must still land before the stream's end
 
     try:
         async with ws:
@@ -426,6 +428,8 @@ def main() -> int:
     args = p.parse_args()
     if not 0 < args.kill_at < args.messages:
         p.error("--kill-at must be between 0 and --messages")
+    if not 1 <= args.window <= 4:
+        p.error("--window must be 1 to 4 (ECHO_REPLAY_REPLIES: a resume replays at most 4)")
 
     started = time.perf_counter()
     try:
