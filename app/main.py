@@ -1,8 +1,10 @@
 """The FastAPI application: ``uvicorn app.main:app``.
 
-Start-up resolves both models' folders (a missing one stops the process with the path in the
-error), then loads and warms them in the background while ``/livez`` already answers and
-``/readyz`` says 503; only then do the batchers start and ``/readyz`` turn 200.
+Start-up checks that both models have a version the policies serve (a missing one stops the
+process with the path in the error), then loads and warms them in the background while
+``/livez`` already answers and ``/readyz`` says 503; only then does ``/readyz`` turn 200. From
+then on ``MODEL_DIR`` is rescanned every ``MODEL_POLL_S`` and on SIGHUP
+(``app.services.model_repository``): new versions load beside the running ones.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
-from app.services.digit_service import DigitService
 from app.services.echo_service import EchoService
-from app.services.models import ModelRegistry
+from app.services.model_repository import ModelRepository, Version
 from app.services.uploads import UploadLimiter
 from app.state import AppState, Lifecycle
 
@@ -35,11 +36,14 @@ log = logging.getLogger(__name__)
 
 
 async def _load(state: AppState) -> None:
-    assert state.registry and state.digits and state.echo
+    assert state.models and state.echo
     try:
-        await asyncio.to_thread(state.registry.load_all)
-        await state.digits.start()
         await state.echo.start()
+        await state.models.sync()
+        for name in state.models.versions:
+            if state.models.default(name) is None:
+                failed = [v for v in state.models.versions[name].values() if v.state == "failed"]
+                raise RuntimeError(_why(name, failed))
         _tune_runtime()
     except Exception as exc:
         state.lifecycle.status, state.lifecycle.error = "failed", str(exc)
@@ -50,7 +54,30 @@ async def _load(state: AppState) -> None:
         os._exit(3)
     if state.lifecycle.status == "loading":
         state.lifecycle.status = "ready"
-        log.info("ready", extra={"device": state.registry.device})
+        log.info("ready", extra={"device": state.models.device})
+    _rescan_on_sighup(state.models)
+    if state.settings.model_poll_s > 0:
+        await state.models.poll()
+
+
+def _why(name: str, failed: list[Version]) -> str:
+    reasons = "; ".join(f"version {v.number}: {v.reason}" for v in failed)
+    return f"no version of {name} could be loaded" + (f" ({reasons})" if reasons else "")
+
+
+def _rescan_on_sighup(models: ModelRepository) -> None:
+    """``kill -HUP``: rescan ``MODEL_DIR`` now (as the poll would)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def rescan() -> None:
+        log.info("SIGHUP: rescanning the model directory")
+        task = loop.create_task(models.sync(), name="model-rescan")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    with suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+        loop.add_signal_handler(signal.SIGHUP, rescan)
 
 
 def _tune_runtime() -> None:
@@ -88,9 +115,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state
     settings = state.settings
     state.lifecycle = lifecycle = Lifecycle()
-    state.registry = registry = ModelRegistry(settings)  # fails fast on a missing model
-    state.digits = digit_service = DigitService(registry.digit, settings)
-    state.echo = echo_service = EchoService(registry.echo, settings)
+    state.echo = echo_service = EchoService(settings)
+    state.models = models = ModelRepository(settings, echo_service)  # fails fast: no model
     _report_stopping_on_sigterm(lifecycle)
     loader = asyncio.create_task(_load(state))
     try:
@@ -102,7 +128,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with suppress(asyncio.CancelledError):
             await loader
         await echo_service.stop()
-        await digit_service.stop()
+        await models.stop()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

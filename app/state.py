@@ -18,7 +18,7 @@ from app.services.errors import NotReady
 if TYPE_CHECKING:
     from app.services.digit_service import DigitService
     from app.services.echo_service import EchoService
-    from app.services.models import ModelRegistry
+    from app.services.model_repository import ModelRepository
     from app.services.uploads import UploadLimiter
 
 
@@ -36,15 +36,17 @@ class AppState:
 
     settings: Settings
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
-    registry: ModelRegistry | None = None
-    digits: DigitService | None = None
+    models: ModelRepository | None = None
     echo: EchoService | None = None
     uploads: UploadLimiter | None = None
 
-    def digit_service(self) -> DigitService:
-        """The digit service if it serves now; ``NotReady`` otherwise."""
-        service = self.digits
-        if service is None or not service.ready:
+    def digit_service(self, version: int | None = None) -> DigitService:
+        """The digit service of ``version`` (default: the newest available) if it serves now;
+        ``NotReady`` while loading or stopping, ``NotFound`` for a version not available."""
+        if self.models is None or self.lifecycle.status not in ("ready", "stopping"):
+            raise NotReady("the digit model is not ready (loading or stopping)")
+        service = self.models.digit_service(version)
+        if not service.ready:
             raise NotReady("the digit model is not ready (loading or stopping)")
         return service
 

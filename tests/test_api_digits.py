@@ -33,9 +33,10 @@ from app.core.config import Settings
 from app.main import create_app
 from app.schemas.digits import DigitBatchPrediction, DigitPrediction
 from app.services.errors import ModelFailed
-from app.state import AppState
+from app.state import AppState, Lifecycle
 from tests.live_server import LiveServer
 from tests.metrics import label_sets, sample_value
+from tests.stub_models import StubModels
 from tests.test_imaging import bomb_png
 from training.mnist_data import MnistData
 
@@ -378,7 +379,11 @@ def answers(
     if raw:
         app.router.routes.append(CountingRoute(json_route().documented({})))
     app.include_router(digits_router)
-    app.state = AppState(Settings(), digits=service)  # type: ignore[assignment]
+    app.state = AppState(  # type: ignore[assignment]
+        Settings(),
+        Lifecycle("ready"),
+        models=StubModels(service),  # type: ignore[arg-type]
+    )
 
     async def post_all() -> list[tuple[int, bytes]]:
         transport = httpx.ASGITransport(app=app)

@@ -52,8 +52,12 @@ class Flaky:
         return self.model.step(bits, state, lengths)
 
 
-def service(model: Any, **settings: Any) -> EchoService:
-    return EchoService(model, Settings(**{"echo_max_queue_delay_ms": 0, **settings}))
+async def service(model: Any, **settings: Any) -> EchoService:
+    """A started echo service serving ``model`` (one lane)."""
+    svc = EchoService(Settings(**{"echo_max_queue_delay_ms": 0, **settings}))
+    await svc.start()
+    await svc.add_lane(model)
+    return svc
 
 
 def stream(seed: int, n: int) -> bytes:
@@ -68,8 +72,7 @@ def test_long_messages_in_slices_answer_as_one_call_does(echo_model: EchoModel) 
     assert max(len(m) for ms in messages.values() for m in ms) > 64  # several slices
 
     async def run(batching: bool) -> dict[int, list[np.ndarray]]:
-        svc = service(echo_model, batching_enabled=batching)
-        await svc.start()
+        svc = await service(echo_model, batching_enabled=batching)
         sessions = {k: await svc.open(None, None, object()) for k in messages}  # type: ignore[arg-type]
 
         async def client(k: int) -> list[np.ndarray]:
@@ -93,18 +96,17 @@ def test_a_failing_call_mid_message_leaves_the_session_at_its_last_answer(
 
     async def scenario() -> None:
         flaky = Flaky(echo_model, fail_on=3)  # call 1: first; calls 2-5: long, fails in its 2nd
-        svc = service(flaky)
-        await svc.start()
+        svc = await service(flaky)
         session = await svc.open(None, None, object())  # type: ignore[arg-type]
         await svc.advance(session, first)
-        assert svc.store is not None
-        before = svc.store.states[session.slot].copy()
+        store = svc.lane(session).store
+        assert store is not None
+        before = store.states[session.slot].copy()
         with pytest.raises(ModelFailed):
             await svc.advance(session, long)
-        assert np.array_equal(svc.store.states[session.slot], before)  # not half advanced
+        assert np.array_equal(store.states[session.slot], before)  # not half advanced
         retried = (await svc.advance(session, long))[0]  # the batcher serves on
-        reference = service(echo_model)
-        await reference.start()
+        reference = await service(echo_model)
         other = await reference.open(None, None, object())  # type: ignore[arg-type]
         await reference.advance(other, first)
         assert np.allclose(retried, (await reference.advance(other, long))[0], atol=1e-5)
@@ -121,8 +123,7 @@ def test_an_echo_message_past_its_deadline_fails_and_leaves_no_trace(
 
     async def scenario() -> tuple[np.ndarray, np.ndarray]:
         flaky = Flaky(echo_model)
-        svc = service(flaky, request_timeout_s=0.2)
-        await svc.start()
+        svc = await service(flaky, request_timeout_s=0.2)
         session = await svc.open(None, None, object())  # type: ignore[arg-type]
         flaky.gate.clear()
         with pytest.raises(DeadlineExceeded):
@@ -130,8 +131,7 @@ def test_an_echo_message_past_its_deadline_fails_and_leaves_no_trace(
         flaky.gate.set()
         got = (await svc.advance(session, probe))[0].copy()  # runs after the late call ended
         await svc.stop()
-        fresh = service(echo_model)
-        await fresh.start()
+        fresh = await service(echo_model)
         other = await fresh.open(None, None, object())  # type: ignore[arg-type]
         want = (await fresh.advance(other, probe))[0].copy()
         await fresh.stop()

@@ -4,7 +4,6 @@ with a stand-in digit service: the live-server tests in ``test_api_v2`` cover th
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -17,6 +16,7 @@ from app.api.errors import install_error_handlers
 from app.api.v2_fast import V2InferRoute
 from app.core.config import Settings
 from app.state import AppState, Lifecycle
+from tests.stub_models import StubModels
 
 
 class StubService:
@@ -66,15 +66,10 @@ def answers(fast: bool, ready: bool) -> tuple[list[tuple[int, str, bytes]], int]
         app.router.routes.append(CountingRoute())
     app.include_router(v2.router)
     service = StubService(ready)
-    registry = SimpleNamespace(
-        digit=SimpleNamespace(name="mnist_lstm", version=1),
-        echo=SimpleNamespace(name="echo_rnn", version=1, state_dim=4),
-    )
     app.state = AppState(  # type: ignore[assignment]
         Settings(),
         Lifecycle("ready" if ready else "loading"),
-        registry=registry,  # type: ignore[arg-type]
-        digits=service,  # type: ignore[arg-type]
+        models=StubModels(service),  # type: ignore[arg-type]
     )
 
     async def post_all() -> list[tuple[int, str, bytes]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
@@ -26,7 +27,7 @@ from starlette.types import Scope
 from app.api.errors import service_error_response
 from app.api.raw_route import RawRoute
 from app.schemas.digits import SCALE_MAX, SCALE_MIN, parse_request
-from app.services.errors import ServiceError
+from app.services.errors import InvalidInput, ServiceError
 from app.state import AppState, app_state
 from modelspec.contract import IMAGE_SIZE
 
@@ -52,23 +53,36 @@ class DigitJsonRoute(RawRoute):
         return self._documented
 
     async def answer(self, scope: Scope, params: dict[str, Any], body: bytes) -> Response:
-        return await json_response(app_state(HTTPConnection(scope)), body)
+        return await json_response(app_state(HTTPConnection(scope)), body, scope)
 
 
-async def json_response(state: AppState, body: bytes) -> Response:
+async def json_response(state: AppState, body: bytes, scope: Scope) -> Response:
     """A JSON request body → the answer, a domain error as its JSON error response."""
     try:
-        content = await predict_json(state, body)
+        content = await predict_json(state, body, requested_version(scope))
     except ServiceError as exc:
         return service_error_response(exc)
     return Response(content, media_type=JSON_TYPE)
 
 
-async def predict_json(state: AppState, body: bytes) -> bytes:
+async def predict_json(state: AppState, body: bytes, version: int | None = None) -> bytes:
     """A JSON request body → the JSON answer; a ``ServiceError`` for anything wrong."""
-    service = state.digit_service()
+    service = state.digit_service(version)
     images, single = parse_json_images(body, state.settings.max_batch_images)
     return answer(await service.predict(images), single, service.model_ref)
+
+
+def requested_version(scope: Scope) -> int | None:
+    """``?version=N`` of the request (None: the default version); 422 if not a number."""
+    query = scope.get("query_string", b"")
+    if b"version" not in query:
+        return None
+    values = parse_qs(query.decode("latin-1")).get("version")
+    if not values:
+        return None
+    if not values[-1].isdigit() or len(values[-1]) > 9 or int(values[-1]) < 1:
+        raise InvalidInput("version must be a positive integer", "invalid_version")
+    return int(values[-1])
 
 
 def content_type(scope: Scope) -> bytes:

@@ -18,6 +18,7 @@ from app.api.digit_json import (
     content_type,
     is_json,
     json_response,
+    requested_version,
 )
 from app.api.digit_upload import read_upload
 from app.schemas.common import ErrorResponse
@@ -32,13 +33,13 @@ async def predict_digit(request: Request) -> Response:
     """JSON pixels, a multipart upload, or 415."""
     ctype = content_type(request.scope)
     if is_json(ctype):
-        return await json_response(app_state(request), await request.body())
+        return await json_response(app_state(request), await request.body(), request.scope)
     if ctype != b"multipart/form-data":
         raise UnsupportedMedia(
             'send application/json ({"image": ...} or {"images": [...]}) or '
             'multipart/form-data with the picture in field "file"'
         )
-    service = app_state(request).digit_service()
+    service = app_state(request).digit_service(requested_version(request.scope))
     image = await read_upload(request)
     content = answer(await service.predict(image), True, service.model_ref)
     return Response(content, media_type=JSON_TYPE)
@@ -54,7 +55,9 @@ router.add_api_route(
         "MNIST-style pixels 0–255, white ink on black (or floats in [0, 1] with "
         '`"pixel_scale": 1`) — or upload a picture as `multipart/form-data` field `file`: any '
         "size, dark-on-light or light-on-dark, which is cropped, fitted and centred like MNIST. "
-        'Errors are `{"error": code, "detail": text}`.'
+        'Errors are `{"error": code, "detail": text}`. `?version=N` asks for one model '
+        "version (404 with the available ones if it is not); without it the newest available "
+        "serves. The answer's `model` says which version did."
     ),
     response_model=DigitPrediction | DigitBatchPrediction,
     responses={
@@ -63,13 +66,25 @@ router.add_api_route(
             400: "Malformed multipart body.",
             413: "Body over the size limit, too many images, or a picture over a pixel limit.",
             415: "Neither JSON nor multipart, or an upload that is not a readable image.",
+            404: "The requested model version is not available (the available ones listed).",
             422: "Invalid JSON, wrong shape, values out of range, a thin strip, or no digit found.",
             500: "The model call failed (never a non-finite probability in an answer).",
             503: "The model is not ready (loading or stopping), or too many uploads at once.",
             504: "Inference did not finish within the request timeout.",
         }.items()
     },
-    openapi_extra={"requestBody": openapi_request_body()},
+    openapi_extra={
+        "requestBody": openapi_request_body(),
+        "parameters": [
+            {
+                "name": "version",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1},
+                "description": "The mnist_lstm version to use (default: the newest available).",
+            }
+        ],
+    },
 )
 
 

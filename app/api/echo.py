@@ -90,9 +90,9 @@ async def echo(
                     "session_id": session.id,
                     "token": session.token,
                     "resumed": session_id is not None,
-                    "echo_step": service.echo_step,
+                    "echo_step": service.lane(session).model.echo_step,
                     "seq": session.seq,
-                    "model_version": service.version,
+                    "model_version": session.version,
                 }
             ).decode()
         )

@@ -51,13 +51,13 @@ async def readyz(request: Request) -> OrjsonResponse:
 @router.get("/v1/models", response_model=ModelsResponse, summary="Served models and their metrics")
 async def list_models(request: Request) -> dict:
     state = app_state(request)
-    if state.registry is None:
+    if state.models is None:
         raise NotReady("the models are not resolved yet")
     durable = state.echo.durable if state.echo is not None else None
     store = {"kind": "memory", "status": "ok"}
     if durable is not None:
         store = {"kind": "redis", "status": durable.status()}
-    return {**state.registry.describe(), "echo_store": store}
+    return {**state.models.describe(), "echo_store": store}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

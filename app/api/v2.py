@@ -104,24 +104,30 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _model(state: AppState, name: str, version: str | None) -> ServedModel:
-    """The served model ``name`` (at ``version``, which must be the loaded one), else 404."""
-    registry = state.registry
-    if registry is None:  # before the lifespan resolved the models
+    """The served model ``name`` at ``version`` (default: its newest available), else 404."""
+    models = state.models
+    if models is None:  # before the lifespan built the repository
         raise svc.NotReady("the models are not loaded yet")
-    models = {m.name: m for m in (registry.digit, registry.echo)}
-    model = models.get(name)
-    if model is None:
-        raise svc.NotFound(f"unknown model {name!r}; served: {', '.join(models)}")
-    if version is not None and version != str(model.version):
-        raise svc.NotFound(f"model {name!r} has no version {version!r}; available: {model.version}")
-    return model
+    if name not in models.versions:
+        raise svc.NotFound(f"unknown model {name!r}; served: {', '.join(models.versions)}")
+    if version is None:
+        default = models.default(name)
+        if default is None or default.model is None:
+            raise svc.NotReady(f"no version of {name} is available yet")
+        return default.model
+    if not version.isdigit() or len(version) > 9:
+        available = ", ".join(map(str, models.serving(name))) or "none"
+        raise svc.NotFound(f"model {name!r} has no version {version!r}; available: {available}")
+    found = models.version(name, int(version)).model
+    assert found is not None
+    return found
 
 
 def _tensor(name: str, datatype: str, *shape: int) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": list(shape)}
 
 
-def _metadata(model: ServedModel) -> dict[str, Any]:
+def _metadata(state: AppState, model: ServedModel) -> dict[str, Any]:
     if model.name == DIGIT_MODEL:
         inputs = [_tensor(DIGIT_INPUT, "FP32", -1, IMAGE_SIZE, IMAGE_SIZE)]
         outputs = [
@@ -141,7 +147,7 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
         ]
     return {
         "name": model.name,
-        "versions": [str(model.version)],
+        "versions": [str(v) for v in state.models.serving(model.name)] if state.models else [],
         "platform": PLATFORM,
         "inputs": inputs,
         "outputs": outputs,
@@ -149,11 +155,8 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
 
 
 def _model_ready(state: AppState, model: ServedModel) -> bool:
-    if state.lifecycle.status != "ready":
-        return False
-    if model.name == DIGIT_MODEL:
-        return state.digits is not None and state.digits.ready
-    return state.echo is not None and state.echo.running
+    """Loaded and serving (``_model`` only returns available versions) while the server is."""
+    return state.lifecycle.status == "ready"
 
 
 @router.get("", response_model=schema.ServerMetadata, summary="Server metadata")
@@ -191,14 +194,16 @@ READY = {
 
 @router.get("/models/{model_name}", **METADATA)
 async def model_metadata(request: Request, model_name: str) -> dict[str, Any]:
-    return _metadata(_model(app_state(request), model_name, None))
+    state = app_state(request)
+    return _metadata(state, _model(state, model_name, None))
 
 
 @router.get("/models/{model_name}/versions/{model_version}", **METADATA)
 async def model_version_metadata(
     request: Request, model_name: str, model_version: str
 ) -> dict[str, Any]:
-    return _metadata(_model(app_state(request), model_name, model_version))
+    state = app_state(request)
+    return _metadata(state, _model(state, model_name, model_version))
 
 
 @router.get("/models/{model_name}/ready", **READY)
@@ -256,7 +261,7 @@ async def infer_body(
         tensor.name, tensor.datatype, tensor.shape, settings.max_batch_images
     )
     images = tensor_codec.digit_images(tensor.name, tensor.datatype, tensor.decode())
-    probs = await state.digit_service().predict(images)  # the /predict/digit batcher
+    probs = await state.digit_service(model.version).predict(images)  # /predict/digit's batcher
     arrays = {DIGIT_OUTPUT: probs, DIGIT_LABEL: probs.argmax(axis=1).astype(np.int64)}
     return render_infer(
         model.name, str(model.version), parsed.id, [(n, arrays[n], b) for n, b in outputs]

@@ -16,8 +16,23 @@ class Settings(BaseSettings):
 
     # Models
     model_dir: Path = Field(Path("models"), description="Folder holding <name>/<version>/ models.")
-    digit_model_version: int | None = Field(None, description="Pin mnist_lstm to this version.")
-    echo_model_version: int | None = Field(None, description="Pin echo_rnn to this version.")
+    digit_model_versions: str = Field(
+        "latest",
+        description="Which mnist_lstm versions to serve: `latest`, `latest:N` or `specific:1,3`.",
+    )
+    echo_model_versions: str = Field(
+        "latest",
+        description="Which echo_rnn versions to serve: `latest`, `latest:N` or `specific:1,3`.",
+    )
+    digit_model_version: int | None = Field(
+        None, description="Old pin: the same as DIGIT_MODEL_VERSIONS=specific:N."
+    )
+    echo_model_version: int | None = Field(
+        None, description="Old pin: the same as ECHO_MODEL_VERSIONS=specific:N."
+    )
+    model_poll_s: float = Field(
+        30.0, ge=0, description="Rescan MODEL_DIR for new versions this often (0: only on SIGHUP)."
+    )
 
     # HTTP limits
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest request body.")

@@ -145,6 +145,11 @@ ECHO_STORE_WRITES = Histogram(
     "Echo steps stored by one Redis round trip (group commit).",
     buckets=BATCH_BUCKETS,
 )
+MODEL_VERSION_EVENTS = Counter(
+    "model_version_events_total",
+    "Model versions loaded, failed (to load or warm up) and unloaded, by model.",
+    ["model", "event"],
+)
 HTTP_EDGE_REFUSALS = Counter(
     "http_edge_refusals_total",
     "Connections answered and closed by the HTTP edge (app/core/edge.py), by reason.",

@@ -23,11 +23,21 @@ class HealthResponse(BaseModel):
 
 
 class ModelInfo(ModelRef):
+    """One version of a model."""
+
+    state: str = Field(
+        description="`loading`, `available`, `draining`, `unloaded` or `failed`.",
+        examples=["available"],
+    )
+    default: bool = Field(description="Requests that name no version go to this one.")
+    reason: str | None = Field(None, description="Why it failed to load.")
+    in_flight: int = Field(0, description="Digit requests in progress on this version.")
+    sessions: int | None = Field(None, description="echo_rnn: sessions on this version.")
     path: str
     loaded: bool
-    signatures: dict[str, Any]
-    metrics: dict[str, Any]
-    created_at: str
+    signatures: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: str | None = None
 
 
 class StoreInfo(BaseModel):

@@ -84,6 +84,7 @@ class DigitService:
             metrics=BatchMetrics.for_model(model.name),
         )
         self._ready = False
+        self.in_flight = 0  # requests between predict() and their answer
 
     @property
     def model_ref(self) -> dict[str, Any]:
@@ -120,6 +121,13 @@ class DigitService:
         """
         if not self._ready:
             raise NotReady("the digit model is not ready (loading or stopping)")
+        self.in_flight += 1
+        try:
+            return await self._predict(images)
+        finally:
+            self.in_flight -= 1
+
+    async def _predict(self, images: np.ndarray) -> np.ndarray:
         step = self.max_rows
         if len(images) <= step or not self.batching:
             probs = await self.batcher.submit(images)

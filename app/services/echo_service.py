@@ -1,9 +1,11 @@
-"""The echo service: sessions, their eviction sweeper and the batcher, started together.
+"""The echo service: sessions on one lane per served model version, their sweeper, leases.
 
-``EchoService(model, settings)`` is built before the model is loaded; :meth:`start` (after
-loading) creates the session store from the model's initial state and starts the batching core
-with the echo adapter (``app.services.echo_batching``) and the sweeper; :meth:`stop` closes the
-remaining connections with 1001 (going away) and lets what is queued finish. :meth:`advance`
+``EchoService(settings)`` is built first; :meth:`add_lane` starts serving an echo model version
+(``app.services.echo_lanes``: its session store and batcher) and makes it the default for new
+sessions if it is the newest; :meth:`retire_lane` drains one (no new sessions, the live ones go
+on) and stops it once it has no sessions left. :meth:`start` starts the sweeper (and the lease
+keeper); :meth:`stop` closes the remaining connections with 1001 (going away) and lets what is
+queued finish. :meth:`advance`
 raises domain errors (``GoingAway``, ``DeadlineExceeded``, ``ModelFailed``); a failed message
 leaves its session at its last answered message. The sweeper also ends connections idle for
 ``ECHO_IDLE_TIMEOUT_S`` (their sessions stay resumable), and :class:`ClientLimits` bounds each
@@ -21,16 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import Protocol
 
 from app.core.config import Settings
 from app.core.metrics import ECHO_CUT_OFF
-from app.services.batching import Batcher, BatchMetrics
 from app.services.client_limits import ClientLimits, client_key
-from app.services.echo_batching import Echoed, EchoSteps, Message
-from app.services.echo_sessions import Session, SessionStore
-from app.services.errors import GoingAway, IdleTimeout, NotFound, ServiceError
+from app.services.echo_batching import Echoed
+from app.services.echo_lanes import EchoLane
+from app.services.echo_sessions import Session
+from app.services.errors import GoingAway, IdleTimeout, NotFound, NotReady, ServiceError
 from app.services.models import EchoModel
 from app.services.redis_sessions import LeaseLost, RedisSessions, Step
 
@@ -46,10 +47,11 @@ class Closable(Protocol):
 class EchoService:
     """Everything the ``/echo`` route needs: open/resume, advance, reset, detach."""
 
-    def __init__(self, model: EchoModel, settings: Settings) -> None:
-        self.model, self.settings = model, settings
-        self.store: SessionStore | None = None
-        self.batcher: Batcher[Message, Echoed] | None = None
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.lanes: dict[int, EchoLane] = {}  # by model version
+        self.default: EchoLane | None = None  # where new sessions go: the newest serving lane
+        self._started = False
         self._sweeper: asyncio.Task[None] | None = None
         self._connections: dict[str, Closable] = {}
         self._clients: dict[str, str] = {}  # session id -> its client's limits key
@@ -65,37 +67,38 @@ class EchoService:
 
     @property
     def running(self) -> bool:
-        return self.batcher is not None
+        return self._started and self.default is not None
 
-    @property
-    def echo_step(self) -> int:
-        return self.model.echo_step
+    def lane(self, session: Session) -> EchoLane:
+        return self.lanes[session.version]
+
+    async def add_lane(self, model: EchoModel) -> None:
+        """Serve ``model``'s version; the newest serving version takes the new sessions."""
+        lane = EchoLane(model, self.settings, self.durable)
+        await lane.start()
+        self.lanes[lane.version] = lane
+        self._pick_default()
+
+    async def retire_lane(self, version: int, poll_s: float = 0.5) -> None:
+        """Drain ``version``: no new sessions; stop it once its last session is gone."""
+        lane = self.lanes.get(version)
+        if lane is None:
+            return
+        lane.draining = True
+        self._pick_default()
+        while lane.sessions:
+            await asyncio.sleep(poll_s)
+        del self.lanes[version]
+        await lane.stop()
+
+    def _pick_default(self) -> None:
+        serving = [lane for lane in self.lanes.values() if not lane.draining]
+        self.default = max(serving, key=lambda lane: lane.version, default=None)
 
     async def start(self) -> None:
-        """Create the state matrix from the model's initial state; start batcher and sweeper."""
+        """Start the sweeper (and, with Redis, the lease keeper); lanes come with add_lane."""
         s = self.settings
-        initial = await asyncio.to_thread(self.model.initial_state, 1)
-        self.store = SessionStore(
-            initial[0],
-            s.echo_max_sessions,
-            s.echo_session_ttl_s,
-            replies=s.echo_replay_replies,
-            keep_detached=self.durable is None,
-        )
-        # Unbatched, a message is one call however long; batched, long ones go in slices.
-        max_steps = 32 if s.batching_enabled else s.echo_max_bits_per_message
-        batcher: Batcher[Message, Echoed] = Batcher(
-            "echo",
-            EchoSteps(self.model, self.store, max_steps, self.durable),
-            enabled=s.batching_enabled,
-            max_rows=s.echo_max_batch_sessions,
-            max_delay_s=s.echo_max_queue_delay_ms / 1000,
-            timeout_s=s.request_timeout_s,
-            metrics=BatchMetrics.for_model(self.model.name),
-            unbatched_workers=min(4, os.cpu_count() or 1),
-        )
-        await batcher.start()
-        self.batcher = batcher
+        self._started = True
         self._sweeper = asyncio.create_task(self._sweep(), name="echo-sweeper")
         if self.durable is not None:
             await self.durable.ping()  # a Redis that is down now only refuses echo sessions
@@ -106,13 +109,12 @@ class EchoService:
                 "store": "redis" if self.durable else "memory",
                 "batching": s.batching_enabled,
                 "max_batch_sessions": s.echo_max_batch_sessions,
-                "state_dim": self.model.state_dim,
             },
         )
 
     async def stop(self) -> None:
-        """Close open connections (1001), stop the sweeper and the batcher, forget sessions."""
-        batcher, self.batcher = self.batcher, None
+        """Close open connections (1001), stop the sweeper and the lanes, forget sessions."""
+        self._started = False
         for conn in list(self._connections.values()):
             with contextlib.suppress(Exception):  # most are gone already (uvicorn sends 1012)
                 await conn.end(GoingAway("the server is going away", "shutting_down"))
@@ -123,14 +125,15 @@ class EchoService:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if batcher is not None:
-            await batcher.stop()
+        leases = self._leases()
+        for lane in list(self.lanes.values()):
+            await lane.stop()
+        self.lanes.clear()
+        self.default = None
         if self.durable is not None:
             with contextlib.suppress(ServiceError):  # leases lapse by themselves otherwise
-                await self.durable.release(self._leases())
+                await self.durable.release(leases)
             await self.durable.close()
-        if self.store is not None:
-            self.store.clear()
 
     async def open(
         self, session_id: str | None, token: str | None, conn: Closable, client: str | None = None
@@ -140,18 +143,22 @@ class EchoService:
         Raises a ``ServiceError`` (full, unknown or busy session, wrong token, per-client limits,
         session store unavailable).
         """
-        assert self.store is not None, "EchoService.start() was not awaited"
+        default = self.default
+        if default is None or not self._started:
+            raise NotReady("no echo model version is serving")
         key = client_key(client)
         self.limits.admit(key, new=session_id is None)
         try:
             if session_id is None:
-                session = self.store.create()
+                session = default.create()
                 if self.durable is not None:
-                    await self._create_durable(session)
+                    await self._create_durable(default, session)
             elif self.durable is not None:
                 session = await self._attach_durable(session_id, token or "")
             else:
-                session = self.store.resume(session_id, token or "")
+                lane = next((x for x in self.lanes.values() if x.store_knows(session_id)), default)
+                assert lane.store is not None
+                session = lane.store.resume(session_id, token or "")
         except BaseException:
             self.limits.release(key)
             raise
@@ -165,9 +172,10 @@ class EchoService:
         key = self._clients.pop(session.id, None)
         if key is not None:
             self.limits.release(key)
-        if self.store is None or not session.attached:
+        lane = self.lanes.get(session.version)
+        if lane is None or lane.store is None or not session.attached:
             return
-        self.store.detach(session, **log_extra)
+        lane.store.detach(session, **log_extra)
         if self.durable is not None:
             # A client that reconnects here at once waits for this instead of session_in_use.
             released = self._releasing[session.id] = asyncio.get_running_loop().create_future()
@@ -179,29 +187,31 @@ class EchoService:
                 if self._releasing.get(session.id) is released:
                     del self._releasing[session.id]
 
-    async def _create_durable(self, session: Session) -> None:
-        assert self.store is not None and self.durable is not None
+    async def _create_durable(self, lane: EchoLane, session: Session) -> None:
+        assert lane.store is not None and self.durable is not None
         try:
-            await self.durable.create(session.id, session.token, self.store.initial, self.version)
+            await self.durable.create(session.id, session.token, lane.store.initial, lane.version)
         except BaseException:
-            self.store.discard(session)
+            lane.store.discard(session)
             raise
         session.fence = 1
 
     async def _attach_durable(self, session_id: str, token: str) -> Session:
-        assert self.store is not None and self.durable is not None
+        assert self.durable is not None
         releasing = self._releasing.get(session_id)
         if releasing is not None:
             await releasing
         stored = await self.durable.acquire(session_id, token)
         try:
-            if stored.version != self.version:
+            lane = self.lanes.get(stored.version)
+            if lane is None or lane.store is None:
                 raise NotFound(
-                    f"the session belongs to {self.model.name} version {stored.version}, "
-                    f"which this server does not serve (it serves {self.version})",
+                    f"the session runs on echo_rnn version {stored.version}, which this server "
+                    f"does not serve (it serves {sorted(self.lanes)})",
                     "session_version_unavailable",
                 )
-            session = self.store.adopt(session_id, token, stored.state, stored.seq, stored.replies)
+            session = lane.store.adopt(session_id, token, stored.state, stored.seq, stored.replies)
+            session.version = lane.version
         except BaseException:
             with contextlib.suppress(ServiceError):
                 await self.durable.release([(session_id, stored.fence)])
@@ -209,17 +219,17 @@ class EchoService:
         session.fence = stored.fence
         return session
 
-    @property
-    def version(self) -> int:
-        return self.model.version
+    def _sessions(self) -> list[Session]:
+        return [
+            s for lane in self.lanes.values() if lane.store for s in lane.store.sessions.values()
+        ]
 
     def _leases(self) -> list[tuple[str, int]]:
-        assert self.store is not None
-        return [(s.id, s.fence) for s in self.store.sessions.values() if s.attached]
+        return [(s.id, s.fence) for s in self._sessions() if s.attached]
 
     async def _keep_leases(self) -> None:
         """Renew this process's leases every third of ``ECHO_LEASE_S``; end the lost ones."""
-        assert self.durable is not None and self.store is not None
+        assert self.durable is not None
         while True:
             await asyncio.sleep(self.settings.echo_lease_s / 3)
             leases = self._leases()
@@ -229,8 +239,9 @@ class EchoService:
                 for i in range(0, len(leases), 1000):
                     chunk = leases[i : i + 1000]
                     held = await self.durable.renew(chunk)
+                    attached = {s.id: s for s in self._sessions() if s.attached}
                     for (session_id, fence), ok in zip(chunk, held, strict=True):
-                        session = self.store.sessions.get(session_id)
+                        session = attached.get(session_id)
                         if not ok and session is not None and session.fence == fence:
                             self._end(session, LeaseLost("another connection took the session"))
             except ServiceError:
@@ -242,35 +253,34 @@ class EchoService:
         All or nothing: if it fails (or the caller is cancelled), the session's state stays as
         it was after its last answered message.
         """
-        if self.batcher is None or self.store is None:
+        lane = self.lanes.get(session.version)
+        if lane is None:
             raise GoingAway("the echo service is not running", "shutting_down")
-        message = Message(self.store, session, chunk)
-        try:
-            return await self.batcher.submit(message)
-        except BaseException:
-            message.undo()
-            raise
+        return await lane.advance(session, chunk)
 
     async def reset(self, session: Session) -> None:
-        """Back to the initial state (stored first, with Redis)."""
-        assert self.store is not None
-        self.store.reset(session)
+        """Back to the initial state of the session's own version (stored first, with Redis)."""
+        store = self.lanes[session.version].store
+        assert store is not None
+        store.reset(session)
         if self.durable is not None:
-            state = self.store.initial.tobytes()
+            state = store.initial.tobytes()
             step = Step(session.id, session.fence, state, session.seq, None)
             if not (await self.durable.commit([step]))[0]:
                 raise LeaseLost()
 
     async def _sweep(self) -> None:
-        assert self.store is not None
         s = self.settings
         interval = min(max(min(s.echo_session_ttl_s, s.echo_idle_timeout_s) / 4, 0.05), 30.0)
         while True:
             await asyncio.sleep(interval)
-            self.store.evict_expired()
             self.limits.prune()
-            for session in self.store.idle_attached(s.echo_idle_timeout_s):
-                self._end_idle(session)
+            for lane in list(self.lanes.values()):
+                if lane.store is None:
+                    continue
+                lane.store.evict_expired()
+                for session in lane.store.idle_attached(s.echo_idle_timeout_s):
+                    self._end_idle(session)
 
     def _end_idle(self, session: Session) -> None:
         if session.id in self._connections:

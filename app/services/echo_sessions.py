@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 class Session:
     """One client's stream: its slot in the state matrix, its echo reply counter and replies."""
 
-    __slots__ = ("attached", "fence", "id", "last_seen", "replies", "seq", "slot", "token")
+    __slots__ = (
+        "attached", "fence", "id", "last_seen", "replies", "seq", "slot", "token", "version"
+    )  # fmt: skip
 
     def __init__(self, session_id: str, token: str, slot: int, replies: int) -> None:
         self.id, self.token, self.slot = session_id, token, slot
+        self.version = 0  # the echo model version it runs on (set by its lane)
         self.seq = 0  # echo replies so far; the next one carries seq + 1
         self.replies: deque[bytes] = deque(maxlen=replies)  # the last ones, packed, oldest first
         self.fence = 0  # the Redis store's attach fence (0: memory store)
@@ -93,6 +96,10 @@ class SessionStore:
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+    def knows(self, session_id: str) -> bool:
+        """The session is here (attached or resumable), or was evicted from here lately."""
+        return session_id in self.sessions or session_id in self._evicted
 
     def create(self) -> Session:
         """A new attached session in the initial state; evicts the LRU detached one at the cap.

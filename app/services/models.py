@@ -1,8 +1,7 @@
-"""Loading the SavedModels and calling them.
+"""Loading one SavedModel version, checking it, calling it, and unloading it.
 
-The registry resolves every model's folder at start-up (a missing model fails fast, naming the
-path), then loads and warms the SavedModels. The thin wrappers below take and return NumPy arrays;
-batching and concurrency are the callers' business (see the batchers).
+The thin wrappers below take and return NumPy arrays; which versions are loaded is
+``app.services.model_repository``'s business, batching and concurrency the batchers'.
 """
 
 from __future__ import annotations
@@ -14,22 +13,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow as tf
 
-from app.core.config import Settings
 from modelspec.contract import (
     DIGIT_INPUT,
-    DIGIT_MODEL,
     DIGIT_OUTPUT,
     DIGIT_SIGNATURE,
     ECHO_BATCH_SIZE,
     ECHO_BITS,
     ECHO_INITIAL_STATE_SIGNATURE,
     ECHO_LENGTHS,
-    ECHO_MODEL,
     ECHO_PROBABILITIES,
     ECHO_STATE,
     ECHO_STEP_SIGNATURE,
@@ -37,7 +33,6 @@ from modelspec.contract import (
     NUM_CLASSES,
     ModelMetadata,
     ModelNotFoundError,
-    resolve_version_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +92,11 @@ class ServedModel:
                 raise ModelLoadError(f"{self.path} signature {sig_name!r} lacks inputs {missing}")
             self.signatures[sig_name] = fn
 
+    def unload(self) -> None:
+        """Drop every reference to the loaded SavedModel so that its memory can be freed."""
+        self._loaded = None
+        self.signatures = {}
+
 
 def _spec(spec: tf.TensorSpec) -> dict[str, Any]:
     return {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
@@ -113,6 +113,7 @@ class DigitModel(ServedModel):
     ``TF_XLA_FLAGS=--tf_xla_persistent_cache_directory=DIR`` lets later starts reuse them.
     """
 
+    REQUIRED: ClassVar[dict[str, set[str]]] = {DIGIT_SIGNATURE: {DIGIT_INPUT}}
     _compiled: Any = None  # the XLA concrete function, once built
     buckets: tuple[int, ...] = ()
 
@@ -159,13 +160,27 @@ class DigitModel(ServedModel):
         )
 
     def warm_up(self) -> None:
-        probs = self.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.float32))
-        if probs.shape != (1, NUM_CLASSES):
+        """A call on a blank and a random batch: the output's shape, finite, sums to 1."""
+        images = np.random.default_rng(0).random((4, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        images[0] = 0
+        probs = self.predict(images)
+        if probs.shape != (4, NUM_CLASSES):
             raise ModelLoadError(f"{self.path}: unexpected output shape {probs.shape}")
+        if not np.isfinite(probs).all() or not np.allclose(probs.sum(axis=1), 1, atol=1e-3):
+            raise ModelLoadError(f"{self.path}: the warm-up outputs are not probabilities")
+
+    def unload(self) -> None:
+        super().unload()
+        self._compiled, self.buckets = None, ()
 
 
 class EchoModel(ServedModel):
     """The echo RNN's ``step`` over a batch of sessions, state packed as [n, state_dim]."""
+
+    REQUIRED: ClassVar[dict[str, set[str]]] = {
+        ECHO_STEP_SIGNATURE: {ECHO_BITS, ECHO_STATE, ECHO_LENGTHS},
+        ECHO_INITIAL_STATE_SIGNATURE: {ECHO_BATCH_SIZE},
+    }
 
     @property
     def state_dim(self) -> int:
@@ -193,12 +208,23 @@ class EchoModel(ServedModel):
         return out[ECHO_PROBABILITIES].numpy(), out[ECHO_STATE].numpy()
 
     def warm_up(self) -> None:
-        state = self.initial_state(1)
-        if state.shape != (1, self.state_dim):
+        """Two sessions, 8 steps: state and output shapes, finite probabilities."""
+        for extra in ("state_dim", "echo_step"):
+            if extra not in (self.metadata.model_extra or {}):
+                raise ModelLoadError(f"{self.path}/metadata.json lacks {extra!r}")
+        state = self.initial_state(2)
+        if state.shape != (2, self.state_dim):
             raise ModelLoadError(
                 f"{self.path}: state shape {state.shape} != metadata state_dim {self.state_dim}"
             )
-        self.step(np.zeros((1, 1), np.float32), state, np.ones(1, np.int32))
+        bits = np.random.default_rng(0).integers(0, 2, (2, 8)).astype(np.float32)
+        probs, new_state = self.step(bits, state, np.array([8, 5], np.int32))
+        if probs.shape != (2, 8) or new_state.shape != state.shape:
+            raise ModelLoadError(
+                f"{self.path}: step returned shapes {probs.shape}, {new_state.shape}"
+            )
+        if not (np.isfinite(probs).all() and np.isfinite(new_state).all()):
+            raise ModelLoadError(f"{self.path}: the warm-up outputs are not finite")
 
 
 def compute_device() -> str:
@@ -210,42 +236,8 @@ def compute_device() -> str:
     return f"GPU ({details.get('device_name', gpus[0].name)})"
 
 
-class ModelRegistry:
-    """Both served models: resolved at start-up, then loaded and warmed (in a worker thread)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.device = "unknown"
-        self.digit = DigitModel(**self._resolve(DIGIT_MODEL, settings.digit_model_version))
-        self.echo = EchoModel(**self._resolve(ECHO_MODEL, settings.echo_model_version))
-        for extra in ("state_dim", "echo_step"):
-            if extra not in (self.echo.metadata.model_extra or {}):
-                raise ModelLoadError(f"{self.echo.path}/metadata.json lacks {extra!r}")
-
-    def _resolve(self, name: str, version: int | None) -> dict[str, Any]:
-        path = resolve_version_dir(self.settings.model_dir, name, version)
-        return {"name": name, "version": int(path.name), "path": path, "metadata": _meta(path)}
-
-    def load_all(self) -> None:
-        """Load and warm both models (blocking: call it off the event loop)."""
-        self.device = compute_device()
-        log.info("tensorflow device", extra={"device": self.device, "tf": tf.__version__})
-        self.digit.load({DIGIT_SIGNATURE: {DIGIT_INPUT}})
-        self.echo.load(
-            {
-                ECHO_STEP_SIGNATURE: {ECHO_BITS, ECHO_STATE, ECHO_LENGTHS},
-                ECHO_INITIAL_STATE_SIGNATURE: {ECHO_BATCH_SIZE},
-            }
-        )
-        for model in (self.digit, self.echo):
-            model.warm_up()
-            log.info("model ready", extra={"model": model.name, "version": model.version})
-
-    def describe(self) -> dict[str, Any]:
-        return {"device": self.device, "models": [self.digit.describe(), self.echo.describe()]}
-
-
-def _meta(path: Path) -> ModelMetadata:
+def read_metadata(path: Path) -> ModelMetadata:
+    """A version folder's ``metadata.json``; ``ModelLoadError`` if it is not valid."""
     try:
         return ModelMetadata.read(path)
     except ModelNotFoundError:
