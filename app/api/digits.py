@@ -39,8 +39,10 @@ async def predict_digit(request: Request) -> Response:
             'send application/json ({"image": ...} or {"images": [...]}) or '
             'multipart/form-data with the picture in field "file"'
         )
-    service = app_state(request).digit_service(requested_version(request.scope))
+    version = requested_version(request.scope)
     image = await read_upload(request)
+    # Looked up only now: a version swap while the upload was read must not catch it draining.
+    service = app_state(request).digit_service(version)
     content = answer(await service.predict(image), True, service.model_ref)
     return Response(content, media_type=JSON_TYPE)
 
