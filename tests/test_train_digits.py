@@ -74,6 +74,7 @@ def test_cli_trains_and_exports(cli_run: tuple[Path, str], mnist_dir: Path) -> N
     model_dir, stdout = cli_run
     export_dir = resolve_version_dir(model_dir, DIGIT_MODEL)
     assert export_dir == model_dir / DIGIT_MODEL / "1"  # the first free version
+    assert [p.name for p in export_dir.parent.iterdir()] == ["1"]  # no temporary folder left
     assert (export_dir / "saved_model.pb").is_file()
     assert any((export_dir / "variables").glob("variables.data-*"))
     assert re.search(r"^\d+/\d+ - .* - val_accuracy: [\d.]+", stdout, re.M)  # Keras progress

@@ -40,6 +40,7 @@ def test_cli_trains_exports_and_documents(tmp_path: Path) -> None:
 
     out = tmp_path / ECHO_MODEL / "1"
     assert (out / "saved_model.pb").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["1"]  # published: no temporary folder left
     for png in ("training_curves.png", "echo_streams.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     meta = json.loads((out / METADATA_FILE).read_text())

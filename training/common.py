@@ -1,4 +1,4 @@
-"""Small pieces every training script shares: seeding, the export folder, metadata."""
+"""Small pieces every training script shares: seeding, metadata (publishing: training.publish)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from modelspec.contract import ModelMetadata, next_version
+from modelspec.contract import ModelMetadata
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -28,19 +28,11 @@ def training_command() -> str:
     return shlex.join([*head, *sys.argv[1:]])
 
 
-def version_dir(model_dir: Path, name: str, version: int | None) -> Path:
-    """``<model_dir>/<name>/<version>`` (the next free version when none is given), created."""
-    version = version if version is not None else next_version(model_dir, name)
-    path = Path(model_dir) / name / str(version)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} already exists; pass another --version")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def write_metadata(
     path: Path,
     *,
+    name: str,
+    version: int,
     hyperparameters: dict[str, Any],
     data: dict[str, Any],
     metrics: dict[str, Any],
@@ -48,10 +40,14 @@ def write_metadata(
     signatures: dict[str, Any],
     **extra: Any,
 ) -> ModelMetadata:
-    """Write ``metadata.json`` into the version folder ``path`` and return it."""
+    """Write ``metadata.json`` of ``name`` v``version`` into ``path`` and return it.
+
+    ``path`` is the folder being published (a temporary one, see :mod:`training.publish`), so
+    the name and version are passed, not read from it.
+    """
     meta = ModelMetadata(
-        name=path.parent.name,
-        version=int(path.name),
+        name=name,
+        version=version,
         tensorflow_version=tf.__version__,
         keras_version=keras.__version__,
         training_command=training_command(),

@@ -36,9 +36,10 @@ from modelspec.contract import (
     NUM_CLASSES,
 )
 from modelspec.digits import RECURRENT_LAYERS, build_digit_model, export_digit_model, scale_pixels
-from training.common import DEFAULT_MODEL_DIR, set_seed, version_dir, write_metadata
+from training.common import DEFAULT_MODEL_DIR, set_seed, write_metadata
 from training.mnist_data import ENV_VAR, MnistData, load_mnist, split_validation
 from training.plots import plot_training_curves
+from training.publish import plan_version, publish
 
 """
 ## Setup
@@ -222,15 +223,14 @@ SIGNATURES = {
 
 
 def run(args: argparse.Namespace) -> TrainResult:
-    """Load data, train, evaluate on the test set, export the SavedModel, metadata and plots."""
+    """Load data, train, evaluate on the test set; publish the SavedModel, metadata and plots."""
     started = time.perf_counter()
     set_seed(args.seed)
-    out_dir = version_dir(args.model_dir, DIGIT_MODEL, args.version)  # fail fast if taken
+    target = plan_version(args.model_dir, DIGIT_MODEL, args.version)  # fail fast if taken
     data = load_mnist(args.data_dir)
     model, history, info = train(args, data)
     scores = evaluate(model, data.x_test, data.y_test)
 
-    export_digit_model(model, out_dir)
     confusion = scores.pop("test_confusion_matrix")
     metrics = {"val_accuracy": info.pop("val_accuracy"), **scores, **info}
     metrics["test_size"] = len(data.y_test)
@@ -238,25 +238,30 @@ def run(args: argparse.Namespace) -> TrainResult:
         k: v for k, v in vars(args).items() if k not in ("data_dir", "model_dir", "verbose")
     }
     hyperparameters |= {"optimizer": "adam", "schedule": "cosine_decay(alpha=0.01)"}
-    write_metadata(
-        out_dir,
-        hyperparameters=hyperparameters,
-        data={
-            "source": data.source,
-            "md5": data.checksums,
-            "train_size": info["train_size"],
-            "val_size": info["val_size"],
-            "test_size": len(data.y_test),
-        },
-        metrics={**metrics, "test_confusion_matrix": confusion},
-        started=started,
-        signatures=SIGNATURES,
-    )
-    title = f"{DIGIT_MODEL} v{out_dir.name}: {args.cell.upper()}-{args.units} × {args.layers}"
-    plot_training_curves(history, out_dir / "training_curves.png", title)
-    plot_confusion_matrix(confusion, out_dir / "confusion_matrix.png", f"{title}, test set")
+    # Written into a temporary folder that becomes <name>/<version> in one rename.
+    with publish(target) as out_dir:
+        export_digit_model(model, out_dir)
+        write_metadata(
+            out_dir,
+            name=target.name,
+            version=target.version,
+            hyperparameters=hyperparameters,
+            data={
+                "source": data.source,
+                "md5": data.checksums,
+                "train_size": info["train_size"],
+                "val_size": info["val_size"],
+                "test_size": len(data.y_test),
+            },
+            metrics={**metrics, "test_confusion_matrix": confusion},
+            started=started,
+            signatures=SIGNATURES,
+        )
+        title = f"{DIGIT_MODEL} v{target.version}: {args.cell.upper()}-{args.units} × {args.layers}"
+        plot_training_curves(history, out_dir / "training_curves.png", title)
+        plot_confusion_matrix(confusion, out_dir / "confusion_matrix.png", f"{title}, test set")
     metrics["total_seconds"] = round(time.perf_counter() - started, 1)
-    return TrainResult(model=model, history=history, metrics=metrics, export_dir=out_dir)
+    return TrainResult(model=model, history=history, metrics=metrics, export_dir=target.path)
 
 
 def main(argv: list[str] | None = None) -> TrainResult:

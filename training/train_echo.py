@@ -20,8 +20,9 @@ validation stream is 100 % correct from epoch 2 on. 1,086 s of training on a sha
 10 epochs also scored 100 % (min p(correct) 0.978-0.999), so `--patience` (early stopping on
 the validation stream) stays off by default.
 
-Run: `python -m training.train_echo` (see `--help`); the model is exported to
-`models/echo_rnn/<version>/` with `metadata.json`, `training_curves.png` and `echo_streams.png`.
+Run: `python -m training.train_echo` (see `--help`); the model is published to
+`models/echo_rnn/<version>/` with `metadata.json`, `training_curves.png` and `echo_streams.png`,
+all written into a temporary folder first and renamed into place in one step (training.publish).
 """
 
 # ## Setup
@@ -50,7 +51,7 @@ from modelspec.contract import (
     ECHO_STEP_SIGNATURE,
 )
 from modelspec.echo import CELLS, EchoRNN, export_echo_model, make_echo_series
-from training.common import DEFAULT_MODEL_DIR, set_seed, version_dir, write_metadata
+from training.common import DEFAULT_MODEL_DIR, set_seed, write_metadata
 from training.echo_eval import (
     EVAL_STREAM_LENGTH,
     load_signatures,
@@ -58,6 +59,7 @@ from training.echo_eval import (
     stream_accuracy,
 )
 from training.plots import plot_training_curves
+from training.publish import VersionTarget, plan_version, publish
 
 
 @dataclass(frozen=True)
@@ -229,9 +231,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[EchoConfig, Path, int | N
 def main(argv: list[str] | None = None) -> None:
     config, model_dir, version, eval_length = parse_args(argv)
     started = time.perf_counter()
+    target = plan_version(model_dir, ECHO_MODEL, version)  # a taken version fails before training
     result = train(config)
+    # Everything is written into a temporary folder that becomes <name>/<version> in one rename.
+    with publish(target) as out:
+        metrics = export_and_document(result, config, target, out, eval_length, started)
+    print(
+        f"{ECHO_MODEL} v{target.version}: {config.cell} x{config.layers} state "
+        f"{config.state_size}, {result.epochs_run} epochs in {result.seconds:.0f} s, loss "
+        f"{metrics['final_loss']:.5f}, accuracy {metrics['final_accuracy']:.4f}; stream accuracy "
+        f"{100 * metrics['stream_accuracy']:.4f} % on {eval_length} bits "
+        f"({metrics['stream_errors']} errors, min p(correct) "
+        f"{metrics['min_correct_probability']:.3f}) -> {target.path}"
+    )
 
-    out = version_dir(model_dir, ECHO_MODEL, version)
+
+def export_and_document(
+    result: TrainResult,
+    config: EchoConfig,
+    target: VersionTarget,
+    out: Path,
+    eval_length: int,
+    started: float,
+) -> dict[str, object]:
+    """Export into ``out``, evaluate the export, draw the plots, write metadata.json."""
     export_echo_model(result.model, out)
     # Measure the exported artefact itself, loaded back, not the in-memory model.
     _loaded, step, initial_state = load_signatures(out)
@@ -271,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_metadata(
         out,
+        name=target.name,
+        version=target.version,
         hyperparameters=dataclasses.asdict(config),
         data=data,
         metrics=metrics,
@@ -279,14 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         state_dim=result.model.state_dim,
         echo_step=config.echo_step,
     )
-    print(
-        f"{ECHO_MODEL} v{out.name}: {config.cell} x{config.layers} state {config.state_size}, "
-        f"{result.epochs_run} epochs in {result.seconds:.0f} s, loss {metrics['final_loss']:.5f}, "
-        f"accuracy {metrics['final_accuracy']:.4f}; stream accuracy "
-        f"{100 * evaluation['stream_accuracy']:.4f} % on {eval_length} bits "
-        f"({evaluation['stream_errors']} errors, min p(correct) "
-        f"{evaluation['min_correct_probability']:.3f}) -> {out}"
-    )
+    return metrics
 
 
 if __name__ == "__main__":
