@@ -20,6 +20,11 @@ validation stream is 100 % correct from epoch 2 on. 1,086 s of training on a sha
 10 epochs also scored 100 % (min p(correct) 0.978-0.999), so `--patience` (early stopping on
 the validation stream) stays off by default.
 
+The tutorial's follow-up, 3 LSTM layers of 4 units (`--cell lstm --layers 3`, every other flag at
+its default; state_dim 24), also scores 100 % on the same stream (0 errors, min p(correct)
+0.9999); its validation stream is 100 % correct from epoch 10 on; 770 s of training. The same
+seed gives the same weights (two runs, bit-identical variables).
+
 Run: `python -m training.train_echo` (see `--help`); the model is published to
 `models/echo_rnn/<version>/` with `metadata.json`, `training_curves.png` and `echo_streams.png`,
 all written into a temporary folder first and renamed into place in one step (training.publish).
