@@ -59,6 +59,7 @@ def main() -> None:
         (model_dir / name).mkdir(parents=True)
         publish(model_dir, name, 1)
     env = {"MODEL_DIR": str(model_dir), "MODEL_POLL_S": "0", "ECHO_SESSION_TTL_S": "1"}
+    env["ECHO_MODEL_VERSIONS"] = "latest"
     env |= dict(item.split("=", 1) for item in args.env)
     srv = server.start(env, tmp / "server.log", timeout=180)
     rows = [{"cycle": 0, "rss_mb": rss_mb(srv.pid)}]

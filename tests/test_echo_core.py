@@ -22,7 +22,7 @@ from modelspec import contract
 
 @pytest.fixture(scope="module")
 def echo_model(repo_root: Path) -> EchoModel:
-    path = contract.resolve_version_dir(repo_root / "models", contract.ECHO_MODEL)
+    path = contract.resolve_version_dir(repo_root / "models", contract.ECHO_MODEL, 1)  # served
     model = EchoModel(contract.ECHO_MODEL, int(path.name), path, contract.ModelMetadata.read(path))
     model.load(
         {

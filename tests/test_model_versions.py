@@ -71,6 +71,7 @@ def test_a_new_version_under_load_drops_nothing(model_dir: Path, tmp_path: Path)
     """Digits at concurrency 32 and 50 echo streams while version 2 of both models appears:
     no request fails, every stream stays exact, new sessions get v2, v1 drains and unloads."""
     env = {"MODEL_DIR": str(model_dir), "MODEL_POLL_S": "0.5", "ECHO_SESSION_TTL_S": "1"}
+    env["ECHO_MODEL_VERSIONS"] = "latest"  # the shipped setting pins version 1
     with start_server(tmp_path, env) as server:
         stop = threading.Event()
         statuses: list[int] = []

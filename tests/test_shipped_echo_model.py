@@ -13,6 +13,7 @@ import secrets
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from modelspec.contract import (
@@ -25,6 +26,7 @@ from modelspec.contract import (
     ECHO_STATE,
     ECHO_STEP_SIGNATURE,
     METADATA_FILE,
+    list_versions,
     resolve_version_dir,
 )
 
@@ -33,8 +35,9 @@ STREAM_LENGTH = 100_000
 MAX_CHUNK = 64
 
 
-def test_shipped_model_echoes_a_fresh_stream_perfectly() -> None:
-    version_dir = resolve_version_dir(MODEL_DIR, ECHO_MODEL)
+@pytest.mark.parametrize("version", list_versions(MODEL_DIR / ECHO_MODEL))
+def test_shipped_model_echoes_a_fresh_stream_perfectly(version: int) -> None:
+    version_dir = resolve_version_dir(MODEL_DIR, ECHO_MODEL, version)
     meta = json.loads((version_dir / METADATA_FILE).read_text())
     echo_step, state_dim = meta["echo_step"], meta["state_dim"]
     training_seeds = {int(v) for k, v in meta["data"].items() if k.endswith("seed")}

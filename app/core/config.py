@@ -21,8 +21,9 @@ class Settings(BaseSettings):
         description="Which mnist_lstm versions to serve: `latest`, `latest:N` or `specific:1,3`.",
     )
     echo_model_versions: str = Field(
-        "latest",
-        description="Which echo_rnn versions to serve: `latest`, `latest:N` or `specific:1,3`.",
+        "specific:1",
+        description="Which echo_rnn versions to serve (same forms). Shipped: version 1 only; "
+        "version 2 (3-layer LSTM) is as exact and costs more (README, Model cards).",
     )
     digit_model_version: int | None = Field(
         None, description="Old pin: the same as DIGIT_MODEL_VERSIONS=specific:N."
