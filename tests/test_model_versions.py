@@ -183,8 +183,11 @@ def pinned(model_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
 
 def test_sighup_rescans_and_versions_can_be_pinned(pinned: LiveServer, model_dir: Path) -> None:
     publish(model_dir, "mnist_lstm", 2)
+    (model_dir / "mnist_lstm" / "5").mkdir()  # half-published: never loaded, reported
     time.sleep(1.0)
     assert state_of(pinned, "mnist_lstm", 2) is None  # no polling: nothing happened
+    ignored = httpx.get(f"{pinned.base_url}/v1/models").json()["ignored"]
+    assert "saved_model.pb" in ignored["mnist_lstm"]["5"]
     os.kill(pinned.pid, signal.SIGHUP)
     wait_until(lambda: state_of(pinned, "mnist_lstm", 2) == "available", 60, "SIGHUP", pinned)
     assert state_of(pinned, "mnist_lstm", 1) == "available"  # latest:2 keeps both

@@ -51,3 +51,8 @@ class ModelsResponse(BaseModel):
     device: str = Field(description="What TensorFlow computes on.", examples=["CPU"])
     models: list[ModelInfo]
     echo_store: StoreInfo = Field(description="Where echo sessions live, and whether it answers.")
+    ignored: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Per model, folders in MODEL_DIR that are not versions, and why (a publish "
+        "in progress or abandoned, an incomplete SavedModel, a name that is not an integer).",
+    )

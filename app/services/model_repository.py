@@ -30,7 +30,13 @@ from app.services.echo_service import EchoService
 from app.services.errors import NotFound, NotReady
 from app.services.models import DigitModel, EchoModel, ServedModel, compute_device, read_metadata
 from app.services.version_policy import VersionPolicy
-from modelspec.contract import DIGIT_MODEL, ECHO_MODEL, ModelNotFoundError, list_versions
+from modelspec.contract import (
+    DIGIT_MODEL,
+    ECHO_MODEL,
+    ModelNotFoundError,
+    list_versions,
+    scan_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +180,12 @@ class ModelRepository:
                     lane = self.echo.lanes.get(number)
                     entry["sessions"] = lane.sessions if lane is not None else 0
                 models.append(entry)
-        return {"device": self.device, "models": models}
+        ignored = {
+            name: found
+            for name in MODELS
+            if (found := scan_versions(Path(self.settings.model_dir) / name)[1])
+        }
+        return {"device": self.device, "models": models, "ignored": ignored}
 
     async def _load(self, name: str, number: int) -> None:
         path = Path(self.settings.model_dir) / name / str(number)
