@@ -56,7 +56,7 @@ class EchoService:
         self._connections: dict[str, Closable] = {}
         self._clients: dict[str, str] = {}  # session id -> its client's limits key
         self._ending: set[asyncio.Task[None]] = set()
-        self.durable = durable_store(settings)
+        self.durable = RedisSessions.from_settings(settings)
         self._keeper: asyncio.Task[None] | None = None
         self._releasing: dict[str, asyncio.Future[None]] = {}  # leases being given back
         self.limits = ClientLimits(
@@ -295,23 +295,6 @@ class EchoService:
         task = asyncio.create_task(_end_quietly(conn, error), name="echo-idle-close")
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
-
-
-def durable_store(settings: Settings) -> RedisSessions | None:
-    """The Redis store ``ECHO_STORE_URL`` names, or None for ``memory://``."""
-    url = settings.echo_store_url.get_secret_value()
-    if url.startswith("memory://"):
-        return None
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("ECHO_STORE_URL must be memory://, redis://, rediss:// or unix://")
-    return RedisSessions(
-        url,
-        ttl_s=settings.echo_session_ttl_s,
-        lease_s=settings.echo_lease_s,
-        replies=settings.echo_replay_replies,
-        connect_timeout_s=settings.echo_store_connect_timeout_s,
-        timeout_s=settings.echo_store_timeout_s,
-    )
 
 
 async def _end_quietly(conn: Closable, error: ServiceError) -> None:

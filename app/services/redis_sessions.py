@@ -29,6 +29,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from app.core.config import Settings
 from app.core.metrics import ECHO_STORE_ERRORS, ECHO_STORE_SECONDS
 from app.services.echo_replies import reply_seq
 from app.services.errors import Conflict, Forbidden, NotFound, Overloaded
@@ -180,6 +181,23 @@ class RedisSessions:
                 "release": _RELEASE,
             }.items()
         }
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisSessions | None:
+        """The store ``ECHO_STORE_URL`` names, or None for ``memory://``."""
+        url = settings.echo_store_url.get_secret_value()
+        if url.startswith("memory://"):
+            return None
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("ECHO_STORE_URL must be memory://, redis://, rediss:// or unix://")
+        return cls(
+            url,
+            ttl_s=settings.echo_session_ttl_s,
+            lease_s=settings.echo_lease_s,
+            replies=settings.echo_replay_replies,
+            connect_timeout_s=settings.echo_store_connect_timeout_s,
+            timeout_s=settings.echo_store_timeout_s,
+        )
 
     def status(self) -> str:
         return "ok" if self.error is None else f"unavailable: {self.error}"
