@@ -1,4 +1,5 @@
-"""The floor: a bare ASGI app that answers ``POST /predict/digit`` with a fixed, real-sized body.
+"""The floor: a bare ASGI app that answers ``POST /predict/digit`` with a fixed, real-sized body,
+and ``/echo`` WebSocket messages with a fixed, real-sized echo frame.
 
 It reads the request body like the service does and does nothing else, so the load generator
 against ``uvicorn bench.floor:app`` measures what uvicorn (HTTP parsing, ASGI, socket I/O) costs
@@ -18,6 +19,8 @@ ANSWER = orjson.dumps(
     {"digit": 7, "probabilities": [0.1] * 10, "model": {"name": "mnist_lstm", "version": 1}}
 )
 HEADERS = [(b"content-type", b"application/json")]
+SESSION = '{"type":"session","session_id":"floor","token":"floor","echo_step":3,"seq":0}'
+ECHO = '{"type":"echo","seq":1,"probabilities":[0.0012],"bits":[0]}'
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -29,6 +32,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             else:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": SESSION})
+        while (await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", "text": ECHO})
+        return
     if scope["type"] != "http":
         return
     more = True
