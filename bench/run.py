@@ -8,7 +8,9 @@
 5. digits by protocol (``bench.protocols``): ``/predict/digit`` JSON, v2 JSON and v2 binary side
    by side on a fresh server → ``protocols.{md,json}``; ``--only protocols`` runs just this;
 6. echo with sessions in Redis vs in memory, and 1 vs 2 workers (``bench.stores``) →
-   ``stores.{md,json}``; ``--only stores`` runs just this.
+   ``stores.{md,json}``; ``--only stores`` runs just this;
+7. open-loop latency at fixed offered loads beside the floor (``bench.openloop compare``) →
+   ``openloop.{md,json,png}``; ``--only openloop`` runs just this.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import protocols_report, report, server, stores
+from bench import openloop, protocols_report, report, server, stores
 from bench.mnist import IMAGES, MNIST_DIR
 from bench.server import REPO
 
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         help="where to start python -m app (default: this repository)",
     )
     ap.add_argument("--log-level", help="server LOG_LEVEL (default: the service's own, INFO)")
-    ap.add_argument("--only", choices=["protocols", "stores"], help="run only this part")
+    ap.add_argument(
+        "--only", choices=["protocols", "stores", "openloop"], help="run only this part"
+    )
     ap.add_argument("--rounds", type=int, help="rounds of the protocol comparison (3; quick 1)")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -209,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.only == "stores":
         run_stores(args)
+        return
+    if args.only == "openloop":
+        run_openloop(args)
         return
     results: dict[str, Any] = {
         "meta": {
@@ -240,6 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     print(paths[0].read_text())
     run_protocols(args, tmp, argv, time.time())
     run_stores(args)
+    run_openloop(args)
+
+
+def run_openloop(args: argparse.Namespace) -> None:
+    log("open loop: service vs floor at fixed offered loads")
+    rounds = str(min(args.rounds, 2))
+    openloop.compare(["--rounds", rounds, "--duration", str(args.duration), "--out", str(args.out)])
 
 
 def run_stores(args: argparse.Namespace) -> None:
