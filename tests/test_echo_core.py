@@ -44,6 +44,9 @@ class Flaky:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
+    def infer(self, bits: np.ndarray, state: np.ndarray, lengths: np.ndarray) -> Any:
+        return self.step(bits, state, lengths)  # the batcher calls infer
+
     def step(self, bits: np.ndarray, state: np.ndarray, lengths: np.ndarray) -> Any:
         self.calls += 1
         self.gate.wait(10)
@@ -54,7 +57,7 @@ class Flaky:
 
 async def service(model: Any, **settings: Any) -> EchoService:
     """A started echo service serving ``model`` (one lane)."""
-    svc = EchoService(Settings(**{"echo_max_queue_delay_ms": 0, **settings}))
+    svc = EchoService(Settings(**{"echo_max_queue_delay_ms": 0, "echo_xla": False, **settings}))
     await svc.start()
     await svc.add_lane(model)
     return svc
@@ -159,3 +162,24 @@ def test_the_store_grows_past_its_first_slots_and_keeps_every_state(store: Sessi
         store.detach(s)
     fresh = store.create()
     assert (store.states[fresh.slot] == np.arange(4)).all()  # a new session starts clean
+
+
+def test_the_xla_step_answers_as_the_signature_does(echo_model: EchoModel) -> None:
+    """``infer`` (XLA, padded to power-of-two shapes) equals the plain ``step`` signature for
+    odd shapes, ragged lengths and arbitrary states; the model is compiled only for this test."""
+    rng = np.random.default_rng(5)
+    try:
+        echo_model.compile_xla(8)
+        for n, t in ((1, 1), (3, 5), (5, 1), (17, 32), (100, 7), (9, 64)):
+            bits = rng.integers(0, 2, (n, t)).astype(np.float32)
+            state = rng.normal(size=(n, echo_model.state_dim)).astype(np.float32)
+            lengths = rng.integers(1, t + 1, n).astype(np.int32)
+            fast, plain = (
+                echo_model.infer(bits, state, lengths),
+                echo_model.step(bits, state, lengths),
+            )
+            assert fast[0].shape == (n, t) and fast[1].shape == (n, echo_model.state_dim)
+            assert np.allclose(fast[0], plain[0], atol=1e-5), (n, t)
+            assert np.allclose(fast[1], plain[1], atol=1e-5), (n, t)
+    finally:
+        echo_model._compiled = None  # the other tests here call the plain signature

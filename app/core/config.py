@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     echo_max_batch_sessions: int = Field(
         4096, gt=0, description="Most sessions advanced in one echo model call."
     )
+    echo_xla: bool = Field(
+        True,
+        description="Run the echo step XLA-compiled, padded to power-of-two shapes (each new "
+        "shape compiles once).",
+    )
     echo_max_queue_delay_ms: float = Field(
         1.0, ge=0, description="Longest an echo message waits for others to join its batch."
     )

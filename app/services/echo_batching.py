@@ -99,7 +99,7 @@ class EchoSteps:
         if (lengths != width).any():
             slices = [s.ljust(width, b"\0") for s in slices]
         bits = np.frombuffer(b"".join(slices), np.uint8).reshape(len(slices), width)
-        probs, new_state = self.model.step(bits.astype(np.float32), state, lengths)
+        probs, new_state = self.model.infer(bits.astype(np.float32), state, lengths)
         return probs, (probs > 0.5).view(np.uint8), new_state
 
     def finish(

@@ -45,6 +45,11 @@ class EchoLane:
     async def start(self) -> None:
         s = self.settings
         initial = await asyncio.to_thread(self.model.initial_state, 1)
+        if s.echo_xla:
+            try:
+                await asyncio.to_thread(self.model.compile_xla, s.echo_max_batch_sessions)
+            except Exception:  # e.g. a TensorFlow build without XLA: serve the plain signature
+                log.warning("echo XLA compilation failed; running without XLA", exc_info=True)
         self.store = SessionStore(
             initial[0],
             s.echo_max_sessions,

@@ -175,12 +175,21 @@ class DigitModel(ServedModel):
 
 
 class EchoModel(ServedModel):
-    """The echo RNN's ``step`` over a batch of sessions, state packed as [n, state_dim]."""
+    """The echo RNN's ``step`` over a batch of sessions, state packed as [n, state_dim].
+
+    :meth:`infer` runs the step XLA-compiled once :meth:`compile_xla` built it: a call then
+    costs ~0.2 ms of CPU instead of ~0.45 ms for one bit per row, and 8x less for 32 bits (the
+    plain signature runs the time loop op by op). XLA compiles once per input shape, so a call
+    is padded to powers of two in rows (zero rows of length 0, which change nothing) and in
+    time steps (positions past a row's ``lengths`` leave it as it is): each new shape compiles
+    once, ~0.1-0.2 s, on the model thread.
+    """
 
     REQUIRED: ClassVar[dict[str, set[str]]] = {
         ECHO_STEP_SIGNATURE: {ECHO_BITS, ECHO_STATE, ECHO_LENGTHS},
         ECHO_INITIAL_STATE_SIGNATURE: {ECHO_BATCH_SIZE},
     }
+    _compiled: Any = None  # the XLA concrete function, once built
 
     @property
     def state_dim(self) -> int:
@@ -207,6 +216,59 @@ class EchoModel(ServedModel):
         )
         return out[ECHO_PROBABILITIES].numpy(), out[ECHO_STATE].numpy()
 
+    def infer(
+        self, bits: np.ndarray, state: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`step`, XLA-compiled and padded to power-of-two shapes, if compiled."""
+        if self._compiled is None:
+            return self.step(bits, state, lengths)
+        n, t = bits.shape
+        rows, steps = _next_power_of_two(n), _next_power_of_two(t)
+        if (rows, steps) != (n, t):
+            padded = np.zeros((rows, steps), np.float32)
+            padded[:n, :t] = bits
+            bits = padded
+            state = np.concatenate([state, np.zeros((rows - n, state.shape[1]), np.float32)])
+            lengths = np.concatenate([lengths, np.zeros(rows - n, np.int32)])
+        probs, new_state = self._compiled(
+            tf.constant(bits, tf.float32), tf.constant(state, tf.float32), tf.constant(lengths)
+        )
+        return probs.numpy()[:n, :t], new_state.numpy()[:n]
+
+    def compile_xla(self, largest: int) -> None:
+        """Build the XLA step and compile it for one bit per row at every row bucket up to
+        ``largest`` (blocking, ~0.1-0.2 s each: call it off the event loop, before serving)."""
+        signature = self.signatures[ECHO_STEP_SIGNATURE]
+        specs = [
+            tf.TensorSpec([None, None], tf.float32),
+            tf.TensorSpec([None, self.state_dim], tf.float32),
+            tf.TensorSpec([None], tf.int32),
+        ]
+
+        @tf.function(input_signature=specs, jit_compile=True)
+        def compiled(bits: tf.Tensor, state: tf.Tensor, lengths: tf.Tensor) -> Any:
+            out = signature(**{ECHO_BITS: bits, ECHO_STATE: state, ECHO_LENGTHS: lengths})
+            return out[ECHO_PROBABILITIES], out[ECHO_STATE]
+
+        concrete = compiled.get_concrete_function()
+        start = time.monotonic()
+
+        def warm(rows: int) -> None:
+            concrete(tf.zeros((rows, 1)), tf.zeros((rows, self.state_dim)), tf.ones(rows, tf.int32))
+
+        sizes = [1 << i for i in range(_next_power_of_two(largest).bit_length())]
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(warm, reversed(sizes)))
+        self._compiled = concrete
+        log.info(
+            "echo model compiled with XLA",
+            extra={"rows": sizes, "seconds": round(time.monotonic() - start, 2)},
+        )
+
+    def unload(self) -> None:
+        super().unload()
+        self._compiled = None
+
     def warm_up(self) -> None:
         """Two sessions, 8 steps: state and output shapes, finite probabilities."""
         for extra in ("state_dim", "echo_step"):
@@ -225,6 +287,10 @@ class EchoModel(ServedModel):
             )
         if not (np.isfinite(probs).all() and np.isfinite(new_state).all()):
             raise ModelLoadError(f"{self.path}: the warm-up outputs are not finite")
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def compute_device() -> str:
