@@ -77,7 +77,7 @@ class SettingsEdgeHttpProtocol(EdgeHttpProtocol):
         return _configured_limits()
 
 
-def http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
+def http_protocol(settings: Settings) -> str:
     """The edge protocol with the settings' limits; uvicorn's own if ``EDGE_LIMITS`` is off."""
     if not settings.edge_limits:
         return "httptools"

@@ -239,10 +239,13 @@ class EchoService:
                 for i in range(0, len(leases), 1000):
                     chunk = leases[i : i + 1000]
                     held = await self.durable.renew(chunk)
+                    lost = [lease for lease, ok in zip(chunk, held, strict=True) if not ok]
+                    if not lost:
+                        continue
                     attached = {s.id: s for s in self._sessions() if s.attached}
-                    for (session_id, fence), ok in zip(chunk, held, strict=True):
+                    for session_id, fence in lost:
                         session = attached.get(session_id)
-                        if not ok and session is not None and session.fence == fence:
+                        if session is not None and session.fence == fence:
                             self._end(session, LeaseLost("another connection took the session"))
             except ServiceError:
                 continue  # recorded by the store; the writes are fenced anyway
