@@ -15,7 +15,11 @@ achieved rate, p50/p99/p99.9/max, this process's and the server's CPU.
 
 ``python -m bench.openloop compare [--rounds 2]`` starts the service and the floor
 (``bench.floor``: a bare uvicorn app that answers without any model) and runs the standard
-scenarios on both, alternating, into ``bench/results/openloop.{json,md}``.
+scenarios on both, alternating, into ``bench/results/openloop.{json,md,png}``. For an A/B of
+settings give ``--config NAME=K=V,...`` (as ``bench.ab``) and ``--echo`` / ``--digits`` instead:
+
+    python -m bench.openloop compare --config thread=INLINE_CALL_BUDGET_MS=0 --config inline= \
+        --echo 1000:5 --digits 3000 --out /tmp/ab
 """
 
 from __future__ import annotations
@@ -211,43 +215,55 @@ DIGIT_SCENARIOS = ("200", "500", "1000", "2000")
 
 
 def compare(argv: list[str]) -> None:
-    """Service and floor side by side, alternating, for every standard scenario."""
+    """Configurations side by side, alternating, for every scenario (default: service vs floor,
+    the standard scenarios)."""
     import subprocess
     import tempfile
     from pathlib import Path
 
     from bench import server
+    from bench.ab import parse_config
 
-    ap = argparse.ArgumentParser(description="service vs floor, open loop")
+    ap = argparse.ArgumentParser(description="configurations side by side, open loop")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=float, default=6.0)
     ap.add_argument("--out", type=Path, default=server.REPO / "bench" / "results")
+    ap.add_argument("--config", action="append", help="NAME=K=V,... or NAME=@module:app (bench.ab)")
+    ap.add_argument("--echo", action="append", metavar="S:R", help="instead of the standard ones")
+    ap.add_argument("--digits", action="append", metavar="R", help="instead of the standard ones")
     args = ap.parse_args(argv)
+    configs = args.config or ["service=", "floor=@bench.floor:app"]
+    scenarios = [("--echo", s) for s in args.echo or []] + [
+        ("--digits", s) for s in args.digits or []
+    ]
+    if not scenarios:
+        scenarios = [("--echo", s) for s in ECHO_SCENARIOS]
+        scenarios += [("--digits", s) for s in DIGIT_SCENARIOS]
     tmp = Path(tempfile.mkdtemp(prefix="bench-openloop-"))
-    servers = {
-        "service": server.start({}, tmp / "service.log"),
-        "floor": server.start({}, tmp / "floor.log", app="bench.floor:app"),
-    }
+    servers = {}
     rows = []
     try:
+        for name, env, app, cwd in map(parse_config, configs):
+            servers[name] = server.start(env, tmp / f"{name}.log", cwd=cwd, app=app)
         for r in range(args.rounds):
-            for flag, specs in (("--echo", ECHO_SCENARIOS), ("--digits", DIGIT_SCENARIOS)):
-                for spec in specs:
-                    for name, srv in servers.items():
-                        cmd = [sys.executable, "-m", "bench.openloop", "--port", str(srv.port)]
-                        cmd += ["--server-pid", str(srv.pid), flag, spec]
-                        cmd += ["--duration", str(args.duration)]
-                        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                        row = {"round": r, "server": name, **json.loads(out.stdout)}
-                        rows.append(row)
-                        print(
-                            f"round {r} {name:>7} {flag[2:]:>6} {spec:>7}: achieved "
-                            f"{row['achieved_per_s']:7.0f}/s of {row['offered_per_s']:5.0f}, p50 "
-                            f"{row['p50_ms']:6.2f} p99 {row['p99_ms']:6.2f} p99.9 "
-                            f"{row['p999_ms']:6.2f} ms, server {row['server_cpu_pct']:3.0f} % "
-                            f"client {row['client_cpu_pct']:3.0f} %",
-                            flush=True,
-                        )
+            for flag, spec in scenarios:
+                for name, srv in servers.items():
+                    cmd = [sys.executable, "-m", "bench.openloop", "--port", str(srv.port)]
+                    cmd += ["--server-pid", str(srv.pid), flag, spec]
+                    cmd += ["--duration", str(args.duration)]
+                    out = subprocess.run(
+                        cmd, capture_output=True, text=True, check=True, cwd=server.REPO
+                    )
+                    row = {"round": r, "server": name, **json.loads(out.stdout)}
+                    rows.append(row)
+                    print(
+                        f"round {r} {name:>7} {flag[2:]:>6} {spec:>7}: achieved "
+                        f"{row['achieved_per_s']:7.0f}/s of {row['offered_per_s']:5.0f}, p50 "
+                        f"{row['p50_ms']:6.2f} p99 {row['p99_ms']:6.2f} p99.9 "
+                        f"{row['p999_ms']:6.2f} ms, server {row['server_cpu_pct']:3.0f} % "
+                        f"client {row['client_cpu_pct']:3.0f} %",
+                        flush=True,
+                    )
     finally:
         for srv in servers.values():
             server.stop(srv)
@@ -295,7 +311,8 @@ def report(rows: list[dict[str, Any]], out: Any) -> None:
             ylabel="p99 ms (from the scheduled send)",
         )
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out / "openloop.png", dpi=100)
     (out / "openloop.md").write_text("\n".join(table) + "\n")

@@ -28,6 +28,7 @@ class Script:
         self.fail_tags: set[str] = set()
         self.again = dict(again or {})  # tag → how many more calls it needs
         self.finished_done: list[list[bool]] = []
+        self.threads: list[str] = []  # where each call ran
 
     def rows(self, item: Item) -> int:
         return item[1]
@@ -37,6 +38,7 @@ class Script:
 
     def compute(self, tags: list[str]) -> int:
         self.calls.append(tags)
+        self.threads.append(threading.current_thread().name)
         self.entered.set()
         self.gate.wait(10)
         if self.fail_tags & set(tags):
@@ -218,5 +220,37 @@ def test_batching_off_runs_each_item_alone_with_its_continuations() -> None:
         await b.stop()
         assert sorted(map(tuple, script.calls)) == [("bad",), ("long",), ("long",), ("x",)]
         assert [tag for tag, _ in results] == ["long", "x"]
+
+    run(scenario)
+
+
+def test_cheap_call_shapes_run_on_the_event_loop_new_and_costly_ones_on_the_model_thread() -> None:
+    async def scenario() -> None:
+        loop_thread = threading.current_thread().name
+        script = Script()
+        b = batcher(script, inline_budget_s=5.0)
+        await b.start()
+        for tag in "abc":
+            await b.submit((tag, 1))  # 1 row: first on the thread, then known cheap
+        await b.submit(("d", 2))  # a new shape (2 rows): the thread again
+        await b.submit(("e", 2))
+        b._inline.record(1, 60.0)  # calls of 1 row turned costly (e.g. the host got busy)
+        await b.submit(("f", 1))
+        await b.stop()
+        where = ["loop" if name == loop_thread else "thread" for name in script.threads]
+        assert where == ["thread", "loop", "loop", "thread", "loop", "thread"]
+
+    run(scenario)
+
+
+def test_without_an_inline_budget_every_call_runs_on_the_model_thread() -> None:
+    async def scenario() -> None:
+        script = Script()
+        b = batcher(script)  # inline_budget_s defaults to 0
+        await b.start()
+        for tag in "abc":
+            await b.submit((tag, 1))
+        await b.stop()
+        assert all(name.startswith("test-model") for name in script.threads), script.threads
 
     run(scenario)

@@ -51,10 +51,16 @@ class Settings(BaseSettings):
     batching_enabled: bool = Field(True, description="False: one model call per request/message.")
     digit_max_batch_size: int = Field(256, gt=0, description="Most rows in one digit model call.")
     digit_max_queue_delay_ms: float = Field(
-        2.0, ge=0, description="Longest a digit request waits for others to join its batch."
+        0.5, ge=0, description="Longest a digit request waits for others to join its batch."
     )
     digit_xla: bool = Field(
         True, description="Run the digit model XLA-compiled for fixed batch sizes (warmed up)."
+    )
+    inline_call_budget_ms: float = Field(
+        5.0,
+        ge=0,
+        description="Batched model calls of a shape that has been taking at most this long run "
+        "on the event loop instead of the model thread (no thread hand-off); 0: always the thread.",
     )
     echo_max_batch_sessions: int = Field(
         4096, gt=0, description="Most sessions advanced in one echo model call."
@@ -65,7 +71,7 @@ class Settings(BaseSettings):
         "shape compiles once).",
     )
     echo_max_queue_delay_ms: float = Field(
-        1.0, ge=0, description="Longest an echo message waits for others to join its batch."
+        0.3, ge=0, description="Longest an echo message waits for others to join its batch."
     )
 
     # Echo sessions

@@ -82,6 +82,7 @@ class DigitService:
             max_delay_s=settings.digit_max_queue_delay_ms / 1000.0,
             timeout_s=settings.request_timeout_s,
             metrics=BatchMetrics.for_model(model.name),
+            inline_budget_s=settings.inline_call_budget_ms / 1000,
         )
         self._ready = False
         self.in_flight = 0  # requests between predict() and their answer

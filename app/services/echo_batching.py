@@ -78,6 +78,11 @@ class EchoSteps:
     def rows(self, message: Message) -> int:
         return 1
 
+    def shape(self, payload: tuple[list[bytes], np.ndarray, np.ndarray]) -> tuple[int, int]:
+        """The call's rows and time steps as the model pads them (the inline policy's key)."""
+        slices = payload[0]
+        return self.model.padded_shape(len(slices), max(map(len, slices)))
+
     def prepare(self, messages: list[Message]) -> tuple[list[bytes], np.ndarray, np.ndarray]:
         """The messages' next slices and the sessions' states (a copy: safe on the thread)."""
         step = self.max_steps

@@ -68,6 +68,7 @@ class EchoLane:
             timeout_s=s.request_timeout_s,
             metrics=BatchMetrics.for_model(self.model.name),
             unbatched_workers=min(4, os.cpu_count() or 1),
+            inline_budget_s=s.inline_call_budget_ms / 1000,
         )
         await batcher.start()
         self.batcher = batcher

@@ -216,6 +216,11 @@ class EchoModel(ServedModel):
         )
         return out[ECHO_PROBABILITIES].numpy(), out[ECHO_STATE].numpy()
 
+    @staticmethod
+    def padded_shape(rows: int, steps: int) -> tuple[int, int]:
+        """The shape :meth:`infer` runs a ``[rows, steps]`` call at: powers of two."""
+        return _next_power_of_two(rows), _next_power_of_two(steps)
+
     def infer(
         self, bits: np.ndarray, state: np.ndarray, lengths: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +228,7 @@ class EchoModel(ServedModel):
         if self._compiled is None:
             return self.step(bits, state, lengths)
         n, t = bits.shape
-        rows, steps = _next_power_of_two(n), _next_power_of_two(t)
+        rows, steps = self.padded_shape(n, t)
         if (rows, steps) != (n, t):
             padded = np.zeros((rows, steps), np.float32)
             padded[:n, :t] = bits

@@ -1,6 +1,6 @@
-"""The one batching core both models use (``core``) and its idle-wait policy (``policy``)."""
+"""The one batching core both models use (``core``) and its timing policies (``policy``)."""
 
 from app.services.batching.core import AGAIN, Adapter, Batcher, BatchMetrics
-from app.services.batching.policy import IdleWaitPolicy
+from app.services.batching.policy import IdleWaitPolicy, InlinePolicy
 
-__all__ = ["AGAIN", "Adapter", "BatchMetrics", "Batcher", "IdleWaitPolicy"]
+__all__ = ["AGAIN", "Adapter", "BatchMetrics", "Batcher", "IdleWaitPolicy", "InlinePolicy"]

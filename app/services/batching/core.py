@@ -6,7 +6,7 @@ The :class:`Adapter` says what a call is: ``prepare`` gathers the items' inputs 
 ``compute`` runs the model (worker thread), ``finish`` hands each item its result (event loop) or
 :data:`AGAIN` for an item that needs another call (it then goes first into the next one). An
 adapter may also ``settle`` a call's results (a coroutine, e.g. storing them) before any item is
-answered.
+answered, and may say a call's ``shape`` (what its cost depends on, for the inline policy).
 
 When to dispatch. A model call costs a fixed part plus a small per-row part, so throughput comes
 from rows per call and latency suffers from any wait. The batcher therefore
@@ -16,6 +16,10 @@ from rows per call and latency suffers from any wait. The batcher therefore
 * when the pipeline was idle, holds the first item up to ``max_delay_s`` (from its arrival) so
   that concurrent clients can join, unless ``max_rows`` rows are queued first; when recent idle
   batches all went out alone it stops waiting (:class:`IdleWaitPolicy`).
+
+Where a call runs. A call whose shape has been taking at most ``inline_budget_s`` runs on the
+event loop, saving the thread hand-off and the GIL contention that comes with it; others run on
+the dedicated model thread (:class:`InlinePolicy`).
 
 Every item has a deadline (``timeout_s`` after it was submitted): one watchdog task fails the
 queued and running items past it with :class:`DeadlineExceeded`, at most a tick late (one timer
@@ -41,7 +45,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from app.core.metrics import BATCH_SIZE, COMPUTE_TIME, INFERENCE_CALLS, QUEUE_WAIT
-from app.services.batching.policy import IdleWaitPolicy
+from app.services.batching.policy import IdleWaitPolicy, InlinePolicy
 from app.services.errors import DeadlineExceeded, GoingAway, ModelFailed
 
 log = logging.getLogger(__name__)
@@ -72,7 +76,9 @@ class Adapter(Protocol[T, R]):
         ...
 
     # Optional: ``async def settle(items, results) -> results``, awaited after ``finish`` and
-    # before any item is answered (the echo adapter stores the new states there).
+    # before any item is answered (the echo adapter stores the new states there);
+    # ``shape(payload) -> Hashable``: calls of one shape cost about the same (default: the
+    # call's rows rounded up to a power of two).
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class Batcher(Generic[T, R]):
         timeout_s: float,
         metrics: BatchMetrics | None = None,
         unbatched_workers: int | None = None,
+        inline_budget_s: float = 0.0,
     ) -> None:
         self.name, self.adapter, self.enabled = name, adapter, enabled  # name: "digit", "echo"
         self.max_rows, self.max_delay_s, self.timeout_s = max_rows, max_delay_s, timeout_s
@@ -134,6 +141,8 @@ class Batcher(Generic[T, R]):
         self._idle_wait = IdleWaitPolicy()
         self._tasks: list[asyncio.Task[None]] = []
         self._settle = getattr(adapter, "settle", None)
+        self._shape = getattr(adapter, "shape", None)
+        self._inline = InlinePolicy(inline_budget_s)
 
     @property
     def running(self) -> bool:
@@ -239,7 +248,13 @@ class Batcher(Generic[T, R]):
         items = [job.item for job in jobs]
         try:
             payload = self.adapter.prepare(items)
-            output = await loop.run_in_executor(self.executor, self._compute, payload, jobs)
+            shape = self._call_shape(payload, jobs)
+            if self._inline.inline(shape):
+                output = self._compute(payload, jobs, shape)
+            else:
+                output = await loop.run_in_executor(
+                    self.executor, self._compute, payload, jobs, shape
+                )
             done = [job.future.done() for job in jobs]
             results = self.adapter.finish(items, output, done)
             if self._settle is not None:
@@ -264,12 +279,20 @@ class Batcher(Generic[T, R]):
         if again:
             self._wakeup.set()
 
-    def _compute(self, payload: Any, jobs: list[_Job[T, R]]) -> Any:
-        """The adapter's model call plus the call's metrics (worker thread)."""
+    def _call_shape(self, payload: Any, jobs: list[_Job[T, R]]) -> Any:
+        if self._shape is not None:
+            return self._shape(payload)
+        return 1 << max(0, sum(job.rows for job in jobs) - 1).bit_length()
+
+    def _compute(self, payload: Any, jobs: list[_Job[T, R]], shape: Any = None) -> Any:
+        """The adapter's model call plus the call's metrics (model thread or event loop)."""
         started = time.monotonic()
         output = self.adapter.compute(payload)
+        seconds = time.monotonic() - started
+        if shape is not None:  # batched
+            self._inline.record(shape, seconds)
         m = self.metrics
-        m.compute.observe(time.monotonic() - started)
+        m.compute.observe(seconds)
         m.calls.inc()
         m.rows.observe(sum(job.rows for job in jobs))
         first = [job.enqueued for job in jobs if not job.started]
