@@ -10,7 +10,6 @@ then on ``MODEL_DIR`` is rescanned every ``MODEL_POLL_S`` and on SIGHUP
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
+from app.core.runtime import tune_runtime
 from app.services.echo_service import EchoService
 from app.services.model_repository import ModelRepository, Version
 from app.services.uploads import UploadLimiter
@@ -44,7 +44,7 @@ async def _load(state: AppState) -> None:
             if state.models.default(name) is None:
                 failed = [v for v in state.models.versions[name].values() if v.state == "failed"]
                 raise RuntimeError(_why(name, failed))
-        _tune_runtime()
+        tune_runtime()
     except Exception as exc:
         state.lifecycle.status, state.lifecycle.error = "failed", str(exc)
         log.exception("model start-up failed; exiting", extra={"error": str(exc)})
@@ -78,20 +78,6 @@ def _rescan_on_sighup(models: ModelRepository) -> None:
 
     with suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
         loop.add_signal_handler(signal.SIGHUP, rescan)
-
-
-def _tune_runtime() -> None:
-    """Once everything is loaded: keep the GC and the GIL out of the serving latency.
-
-    TensorFlow leaves ~350k objects behind at start-up; every full GC pass walked them all
-    (0.25 s idle, 0.3-0.9 s pauses under load), so they are frozen out of the collector. The
-    shorter switch interval hands the GIL back to the model-call threads within 1 ms instead of
-    5 ms while the event loop is busy (each batched model call needs the GIL a few times).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 50)
-    sys.setswitchinterval(0.001)
 
 
 def _report_stopping_on_sigterm(lifecycle: Lifecycle) -> None:

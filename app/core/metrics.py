@@ -114,6 +114,12 @@ QUEUE_WAIT = BulkHistogram(
 COMPUTE_TIME = Histogram(
     "model_compute_seconds", "Duration of one model call.", ["model"], buckets=LATENCY_BUCKETS
 )
+GC_PAUSE = Histogram(
+    "python_gc_pause_seconds",
+    "Garbage-collector pauses (the whole process stops), by generation.",
+    ["generation"],
+    buckets=LATENCY_BUCKETS,
+)
 ECHO_ACTIVE_SESSIONS = Gauge("echo_active_sessions", "Echo sessions with an open WebSocket.")
 ECHO_STORED_SESSIONS = Gauge("echo_stored_sessions", "Echo sessions kept (open or resumable).")
 ECHO_MESSAGES = Counter("echo_messages_total", "Echo messages answered.")
