@@ -11,7 +11,8 @@ deployment gets the same bounds:
   (``app.core.websocket_protocol``).
 - HTTP/1.1 is served by :class:`app.core.edge.EdgeHttpProtocol`: header size, header and body
   read timeouts, connection caps (``MAX_CONNECTIONS``, at most the file-descriptor limit less
-  ``FD_RESERVE``), idle keep-alive close after ``TIMEOUT_KEEP_ALIVE_S``.
+  ``FD_RESERVE``; the soft limit is first raised to the hard one), idle keep-alive close after
+  ``TIMEOUT_KEEP_ALIVE_S``.
 - SIGTERM lets in-flight requests finish for ``TIMEOUT_GRACEFUL_SHUTDOWN_S``.
 - ``WEB_CONCURRENCY`` > 1 runs that many worker processes on one socket (uvicorn's supervisor);
   echo sessions must then live in Redis (``ECHO_STORE_URL``), so that any worker can resume any
@@ -44,6 +45,23 @@ def trusted_proxies(settings: Settings) -> list[str]:
     return [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's soft file-descriptor limit to its hard limit; returns the soft one.
+
+    Every open connection takes one; the default soft limit (often 1,024) would cap a server
+    meant for ``ECHO_MAX_SESSIONS`` streams far below it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def connection_cap(settings: Settings) -> int:
     """``MAX_CONNECTIONS``, lowered so that accepting never runs out of file descriptors."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -60,6 +78,7 @@ def edge_limits(settings: Settings) -> EdgeLimits:
         timeout_body_s=settings.timeout_body_s,
         max_connections=connection_cap(settings),
         max_connections_per_client=settings.max_connections_per_client,
+        max_connections_per_network=settings.max_connections_per_network,
         trusted_proxies=proxies,
     )
 
@@ -112,6 +131,7 @@ def server_config(settings: Settings) -> uvicorn.Config:
 
 def main() -> None:
     settings = get_settings()
+    raise_fd_limit()  # before the workers start: they inherit it
     config = server_config(settings)
     cap = connection_cap(settings)
     if cap < settings.max_connections:

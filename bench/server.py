@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +80,13 @@ def _raise_fd_limit() -> None:  # runs in the child before exec: 1,000 sessions 
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
 
+def _fd_limit(nofile: int) -> Callable[[], None]:
+    def limit() -> None:  # in the child before exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    return limit
+
+
 @dataclass
 class Server:
     """A running server and how long it took to come up."""
@@ -128,6 +135,7 @@ def start(
     port: int | None = None,
     wait_ready: bool = True,
     bench: bool = True,
+    nofile: int | None = None,
 ) -> Server:
     """Start the service with ``python -m app`` (``uvicorn app`` for another ASGI app, and in a
     checkout older than the launcher) with ``env`` added to ours; return once /livez and (with
@@ -137,6 +145,8 @@ def start(
     ``port``: listen there (e.g. to restart a server where clients expect it), else a free one.
     ``bench``: lift the per-client limits (``BENCH_ENV``) and raise the file-descriptor limit for
     the load generator; the tests pass ``False`` to run the service's defaults and inherit limits.
+    ``nofile``: the server's file-descriptor limit, soft and hard (it raises its soft limit to
+    the hard one itself).
     """
     port = port or free_port()
     env = {**(BENCH_ENV if bench else {}), "HOST": "127.0.0.1", "PORT": str(port), **env}
@@ -155,7 +165,7 @@ def start(
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_raise_fd_limit if bench else None,
+            preexec_fn=_fd_limit(nofile) if nofile else _raise_fd_limit if bench else None,
         )
     server = Server(proc, port, env, log_path)
     try:

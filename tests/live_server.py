@@ -58,6 +58,7 @@ def start_server(
     wait_ready: bool = True,
     timeout: float = 90,
     port: int | None = None,
+    nofile: int | None = None,
 ) -> Iterator[LiveServer]:
     """Run ``python -m app`` with the service's defaults and ``env`` added to the environment;
     stop it afterwards (``bench.server.running`` with ``bench=False``).
@@ -72,6 +73,7 @@ def start_server(
         port=port,
         wait_ready=wait_ready,
         bench=False,
+        nofile=nofile,
     ) as server:
         yield server
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from app.api.errors import close_code
+from app.core.addresses import network_key
 from app.services.client_limits import ClientLimits, client_key
 from app.services.echo_sessions import SessionStore
 from app.services.errors import NotFound, Overloaded
@@ -114,3 +115,82 @@ def test_ttl_eviction_drops_only_expired_detached_sessions_oldest_first() -> Non
     attached.last_seen -= 61
     assert store.evict_expired() == 1
     assert set(store.sessions) == {new.id, attached.id}
+
+
+class _Tripwire:
+    """A stand-in session that fails the test if anything reads it."""
+
+    attached = True
+    id = "tripwire"
+
+    @property
+    def last_seen(self) -> float:
+        raise AssertionError("idle_attached looked past the first active session")
+
+
+def test_idle_attached_reads_only_what_it_finds_plus_one() -> None:
+    store = SessionStore(np.zeros(4, np.float32), max_sessions=20_000, ttl_s=60)
+    sessions = [store.create() for _ in range(10_000)]
+    for idle in sessions[:3]:
+        idle.last_seen -= 10
+    store._attached[_Tripwire.id] = _Tripwire()  # type: ignore[assignment]  # after the 10,000
+    store.touch(sessions[3])  # active: moves behind the tripwire; sessions[4] is next, active
+    assert store.idle_attached(5) == sessions[:3]
+    assert store.idle_attached(5) == []  # each idle session is reported once
+
+
+def test_touch_keeps_attached_sessions_in_activity_order() -> None:
+    store = SessionStore(np.zeros(4, np.float32), max_sessions=10, ttl_s=60)
+    a, b = store.create(), store.create()
+    a.last_seen -= 10
+    b.last_seen -= 10
+    store.touch(a)
+    assert store.idle_attached(5) == [b]
+    a.last_seen -= 10
+    assert store.idle_attached(5) == [a]
+    store.touch(a)  # a message after it was reported: tracked again
+    a.last_seen -= 10
+    assert store.idle_attached(5) == [a]
+
+
+class _CountingLimits(ClientLimits):
+    checks = 0
+
+    def _full(self, client):  # type: ignore[no-untyped-def]
+        self.checks += 1
+        return super()._full(client)
+
+
+def test_prune_and_admission_do_not_scan_clients_that_hold_sessions() -> None:
+    now = [0.0]
+    limits = _CountingLimits(10.0, 5, 10, max_clients=20_000, clock=lambda: now[0])
+    for i in range(10_000):
+        limits.admit(f"10.0.{i // 256}.{i % 256}", new=True)  # each holds one session
+    for i in range(3):
+        limits.admit(f"10.9.0.{i}", new=True)
+        limits.release(f"10.9.0.{i}")
+    now[0] += 10.0  # every bucket is full again
+    assert limits.prune() == 3
+    assert limits.checks <= 4  # the three idle clients (and nothing else)
+    assert len(limits) == 10_000
+
+
+def test_a_full_client_table_forgets_the_longest_idle_client_first() -> None:
+    limits = ClientLimits(10.0, 5, 10, max_clients=3, clock=lambda: 0.0)
+    limits.admit("a", new=True)  # holds a session: never forgotten
+    limits.admit("b", new=True)
+    limits.release("b")
+    limits.admit("c", new=True)
+    limits.release("c")
+    limits.admit("d", new=True)  # the table is full: b (idle longest, bucket not full) goes
+    assert limits.attached("a") == 1 and len(limits) == 3
+    limits.admit("b", new=True)  # b comes back fresh; c was idle longest now
+    assert len(limits) == 3
+
+
+def test_network_keys_are_ipv4_slash_24_and_ipv6_slash_48() -> None:
+    assert network_key("127.0.3.9") == network_key("127.0.3.200") == "127.0.3.0/24"
+    assert network_key("127.0.4.9") != network_key("127.0.3.9")
+    assert network_key("2001:db8:1:2::1") == network_key("2001:db8:1:ffff::1") == "2001:db8:1::/48"
+    assert network_key("::ffff:10.0.0.7") == "10.0.0.0/24"
+    assert network_key(None) == "unknown"

@@ -154,10 +154,22 @@ class Settings(BaseSettings):
         16_384, ge=1024, description="Largest request line + headers (431); URL at most 8,000."
     )
     max_connections: int = Field(
-        1000, gt=0, description="Open connections (HTTP + WebSocket); more get 503 (fd-capped)."
+        12_000,
+        gt=0,
+        description="Open connections (HTTP + WebSocket): ECHO_MAX_SESSIONS plus room for HTTP; "
+        "more get 503. Lowered to fit the file-descriptor limit, which starts raised to its hard "
+        "limit.",
     )
     max_connections_per_client: int = Field(
-        64, gt=0, description="Open connections from one peer address (trusted proxies exempt)."
+        64,
+        gt=0,
+        description="Open connections from one peer address or IPv6 /64 (trusted proxies exempt).",
+    )
+    max_connections_per_network: int = Field(
+        256,
+        gt=0,
+        description="Open connections from one IPv4 /24 or IPv6 /48 (trusted proxies exempt): "
+        "filling the server takes MAX_CONNECTIONS / this many networks.",
     )
     timeout_graceful_shutdown_s: float = Field(
         15.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."

@@ -11,12 +11,19 @@ client gets (refusals are ``{"error": ..., "detail": ...}`` with ``Connection: c
   byte → 408 (slow senders); a connection that sent nothing is closed without an answer;
 - no body bytes for ``TIMEOUT_BODY_S`` while the app waits for them → 408 (the app sees a
   disconnect); after the response has started, the connection is closed;
-- ``MAX_CONNECTIONS`` connections open (HTTP and WebSocket), or ``MAX_CONNECTIONS_PER_CLIENT``
-  from one peer address or IPv6 /64 (``TRUSTED_PROXIES`` exempt) → 503 with ``Retry-After``,
-  answered once the request head arrives (at most ``REFUSED_WAIT_S``), not counted as open;
-  with ``MAX_WAITING_REFUSALS`` already waiting (a flood), closed at once without an answer,
-  so that refusals never hold more than that many file descriptors;
-- responses left unread (writing paused) for ``TIMEOUT_BODY_S`` → the connection is aborted;
+- ``MAX_CONNECTIONS`` connections open (HTTP and WebSocket), ``MAX_CONNECTIONS_PER_CLIENT`` from
+  one peer address or IPv6 /64, or ``MAX_CONNECTIONS_PER_NETWORK`` from one IPv4 /24 or IPv6 /48
+  (``TRUSTED_PROXIES`` exempt) → 503 with ``Retry-After``, answered once the request head
+  arrives (at most ``REFUSED_WAIT_S``), not counted as open; with ``MAX_WAITING_REFUSALS``
+  already waiting (a flood), closed at once without an answer, so that refusals never hold more
+  than that many file descriptors. Admission is O(1): open connections are counted per client
+  and per network on connect and close (:class:`ConnectionCounts`), never by a scan;
+- more than ``MAX_PIPELINED`` requests queued behind the one being answered (HTTP pipelining)
+  → the edge stops reading: the queued ones are answered, the last with ``Connection: close``,
+  and the rest is dropped (a pipelining client must retry unanswered requests, RFC 9112 9.3.2);
+- responses left unread (writing paused) for ``TIMEOUT_BODY_S`` → the connection is aborted
+  with a reset (``SO_LINGER`` 0), so neither the process nor the kernel keeps its unsent bytes;
+  every connection's kernel send buffer is capped at ``SEND_BUFFER_BYTES`` (``SO_SNDBUF``);
 - idle keep-alive: uvicorn closes after ``TIMEOUT_KEEP_ALIVE_S``.
 
 After a refusal the server half-closes, drops what still arrives and closes ``LINGER_S`` later,
@@ -26,9 +33,12 @@ so that the client reads the answer instead of a reset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import socket
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import ClassVar
 
 import httptools
@@ -36,8 +46,8 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from websockets import http11
 
+from app.core.addresses import client_key, network_key
 from app.core.metrics import HTTP_EDGE_REFUSALS
-from app.services.client_limits import client_key
 
 MAX_URL_BYTES = 8000  # under the WebSocket layer's own line limit (websockets: 8,192)
 MAX_HEADER_LINE_BYTES = 8000
@@ -45,6 +55,9 @@ MAX_HEADERS = 100  # websockets: 128
 REFUSED_WAIT_S = 1.0
 MAX_WAITING_REFUSALS = 64  # refused connections waiting for their head; beyond, closed at once
 LINGER_S = 1.0
+MAX_PIPELINED = 8  # requests queued behind the one being answered; beyond, reading stops
+SEND_BUFFER_BYTES = 262_144  # SO_SNDBUF of every connection: the kernel memory an unread one pins
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops the buffer
 EDGE_STATUS = "edge_status"  # scope key: the status the edge answered while the app was reading
 assert MAX_URL_BYTES + 32 < http11.MAX_LINE_LENGTH and MAX_HEADERS < http11.MAX_NUM_HEADERS
 
@@ -59,8 +72,9 @@ class EdgeLimits:
     max_header_bytes: int = 16_384
     timeout_header_s: float = 10.0
     timeout_body_s: float = 10.0
-    max_connections: int = 1000
+    max_connections: int = 12_000
     max_connections_per_client: int = 64
+    max_connections_per_network: int = 256
     trusted_proxies: tuple[Network, ...] = ()
 
     def trusted(self, host: str) -> bool:
@@ -71,12 +85,44 @@ class EdgeLimits:
         return any(address in net for net in self.trusted_proxies)
 
 
-_client_key = lru_cache(maxsize=4096)(client_key)  # an address, or its IPv6 /64
+class ConnectionCounts:
+    """Open connections per client key and per network key, kept on connect and close."""
+
+    def __init__(self) -> None:
+        self.clients: dict[str, int] = {}
+        self.networks: dict[str, int] = {}
+
+    def add(self, client: str, network: str) -> None:
+        self.clients[client] = self.clients.get(client, 0) + 1
+        self.networks[network] = self.networks.get(network, 0) + 1
+
+    def remove(self, client: str, network: str) -> None:
+        for table, key in ((self.clients, client), (self.networks, network)):
+            left = table[key] - 1
+            if left:
+                table[key] = left
+            else:
+                del table[key]  # the tables hold only addresses with open connections
 
 
-def _host(connection: object) -> str | None:
-    client = getattr(connection, "client", None)  # HTTP and WebSocket protocols alike
-    return client[0] if client else None
+_counts = ConnectionCounts()  # in this process (one server)
+
+
+class _PipelineFull(Exception):
+    """Raised in a parser callback: too many requests queued on one connection."""
+
+
+def _socket_option(transport: asyncio.BaseTransport, option: int, value: int | bytes) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, option, value)
+
+
+def abort_with_reset(transport: asyncio.BaseTransport) -> None:
+    """Drop a connection and everything unsent, in the process and in the kernel (RST)."""
+    _socket_option(transport, socket.SO_LINGER, _RESET_ON_CLOSE)
+    transport.abort()  # type: ignore[attr-defined]
 
 
 class Refusal(Exception):
@@ -105,13 +151,15 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._counted: tuple[str, str] | None = None  # (client, network) while counted as open
 
     # Connections
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        _socket_option(transport, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         wait = self.limits.timeout_header_s
-        if reason := self._over_capacity():
+        if reason := self._admit():
             self.connections.discard(self)  # a refused connection does not hold a place
             if _waiting_refusals[0] >= MAX_WAITING_REFUSALS:  # a flood: no file descriptor
                 HTTP_EDGE_REFUSALS.labels("too_many_connections_dropped").inc()  # waits
@@ -123,21 +171,33 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             wait = min(wait, REFUSED_WAIT_S)
         self._arm_head_timer(wait)
 
-    def _over_capacity(self) -> str | None:
-        limits, open_now = self.limits, len(self.connections)  # this one included
-        if open_now > limits.max_connections:
+    def _admit(self) -> str | None:
+        """Count this connection as open, or say why not. O(1): counters, no scan."""
+        limits = self.limits
+        if len(self.connections) > limits.max_connections:  # this one included
             return f"the server has its maximum of {limits.max_connections} connections open"
-        per_client = limits.max_connections_per_client
-        if open_now <= per_client or self.client is None or limits.trusted(self.client[0]):
+        host = self.client[0] if self.client else None
+        if host is None or limits.trusted(host):
             return None
-        key = _client_key(self.client[0])
-        mine = sum(1 for c in self.connections if _client_key(_host(c)) == key)
-        if mine > per_client:
+        client, network = client_key(host), network_key(host)
+        if _counts.clients.get(client, 0) >= limits.max_connections_per_client:
+            per_client = limits.max_connections_per_client
             return f"this address has its maximum of {per_client} connections open"
+        if _counts.networks.get(network, 0) >= limits.max_connections_per_network:
+            per_network = limits.max_connections_per_network
+            return f"this network ({network}) has its maximum of {per_network} connections open"
+        _counts.add(client, network)
+        self._counted = (client, network)
         return None
+
+    def _release(self) -> None:
+        if self._counted is not None:
+            _counts.remove(*self._counted)
+            self._counted = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self._release()
         if self._pending is not None:
             _waiting_refusals[0] -= 1
         super().connection_lost(exc)
@@ -145,6 +205,14 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         self._cancel_timers()  # the WebSocket protocol owns the connection from here on
         super().handle_websocket_upgrade()
+        # It stays counted until the WebSocket protocol's connection is lost.
+        on_close: Callable[[Callable[[], None]], None] | None = getattr(
+            self.transport.get_protocol(), "call_on_close", None
+        )
+        if on_close is not None and self._counted is not None:
+            on_close(self._release)
+        else:
+            self._release()
 
     # Reading
 
@@ -164,6 +232,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _PipelineFull):
+                self._stop_pipeline()
+                return
             refusal = exc.__context__ if isinstance(exc.__context__, Refusal) else None
             self._refuse(self._pending or refusal or Refusal(400, "invalid_http", str(exc)))
             return
@@ -202,6 +273,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             raise self._pending
         if len(self.url) + self._header_bytes > self.limits.max_header_bytes:
             raise self._head_too_large()
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _PipelineFull
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -270,7 +343,20 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         """Responses stayed unread for the whole timeout: drop the connection and its buffer."""
         self._write_timer = None
         HTTP_EDGE_REFUSALS.labels("send_timeout").inc()
-        self.transport.abort()
+        abort_with_reset(self.transport)
+
+    def _stop_pipeline(self) -> None:
+        """Too many pipelined requests: answer the queued ones, close after the last, drop the
+        rest (no refusal is written: it would arrive before the queued answers)."""
+        HTTP_EDGE_REFUSALS.labels("pipeline_limit").inc()
+        self._refused = True  # data_received drops whatever still arrives
+        self._cancel_timers()
+        if self.pipeline:
+            self.pipeline[0][0].keep_alive = False  # the newest queued: closes after its answer
+        elif self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        else:
+            self.transport.close()
 
     def _cancel_timers(self) -> None:
         self._cancel_head_timer()

@@ -17,11 +17,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from app.core.config import get_settings
+from app.core.edge import abort_with_reset
 from app.core.metrics import ECHO_CUT_OFF
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.send_timeout_s = settings.echo_send_timeout_s
         self.send_buffer_bytes = settings.echo_send_buffer_bytes
         self._cut_off_timer: asyncio.TimerHandle | None = None
+        self._on_close: list[Callable[[], None]] = []
+
+    def call_on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the connection is lost (the edge's open-connection count)."""
+        self._on_close.append(callback)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
@@ -55,6 +62,9 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_cut_off()
+        for callback in self._on_close:
+            callback()
+        self._on_close.clear()
         super().connection_lost(exc)
 
     def _cancel_cut_off(self) -> None:
@@ -75,4 +85,4 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
                 "send_timeout_s": self.send_timeout_s,
             },
         )
-        self.transport.abort()
+        abort_with_reset(self.transport)

@@ -9,13 +9,15 @@ session and its bucket has refilled (it would start the same), and never keeps m
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from app.core.addresses import client_key
 from app.services.errors import Overloaded
+
+__all__ = ["ClientLimits", "client_key"]
 
 
 @dataclass(slots=True)
@@ -25,23 +27,13 @@ class _Client:
     attached: int = 0
 
 
-def client_key(host: str | None) -> str:
-    """The limits' key of a client address: itself, or its /64 network for IPv6."""
-    if not host:
-        return "unknown"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return host
-
-
 class ClientLimits:
-    """Admit or refuse a client's new or resumed session; count its attached sessions."""
+    """Admit or refuse a client's new or resumed session; count its attached sessions.
+
+    Every operation is O(1) in the number of clients (``prune`` is O(pruned)): the clients that
+    hold no session are kept in the order they let go of their last one, so the ones to forget
+    are always at the front.
+    """
 
     def __init__(
         self,
@@ -53,7 +45,8 @@ class ClientLimits:
     ) -> None:
         self.rate, self.burst, self.max_attached = new_per_s, float(burst), max_attached
         self.max_clients, self.clock = max_clients, clock
-        self._clients: OrderedDict[str, _Client] = OrderedDict()  # least recently used first
+        self._clients: dict[str, _Client] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()  # attached == 0, oldest first
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -72,6 +65,8 @@ class ClientLimits:
         if new:
             self._refill(client)
             if client.tokens < 1.0:
+                if client.attached == 0:
+                    self._idle.move_to_end(key)  # its bucket is emptier than the others'
                 wait = (1.0 - client.tokens) / self.rate
                 raise Overloaded(
                     f"this address opens sessions faster than {self.rate:g}/s; retry later",
@@ -79,6 +74,8 @@ class ClientLimits:
                     retry_after_s=wait,
                 )
             client.tokens -= 1.0
+        if client.attached == 0:
+            del self._idle[key]
         client.attached += 1
 
     def release(self, key: str) -> None:
@@ -86,33 +83,45 @@ class ClientLimits:
         client = self._clients.get(key)
         if client is not None and client.attached > 0:
             client.attached -= 1
+            if client.attached == 0:
+                self._idle[key] = None
 
     def attached(self, key: str) -> int:
         client = self._clients.get(key)
         return client.attached if client is not None else 0
 
     def prune(self) -> int:
-        """Forget clients that hold nothing and whose bucket is full again; returns how many."""
-        idle = [key for key, c in self._clients.items() if c.attached == 0 and self._full(c)]
-        for key in idle:
-            del self._clients[key]
-        return len(idle)
+        """Forget clients that hold nothing and whose bucket is full again; returns how many.
+
+        Looks at the clients in the order they became idle and stops at the first whose bucket
+        is not full yet: O(pruned), not O(clients).
+        """
+        pruned = 0
+        while self._idle:
+            key = next(iter(self._idle))
+            if not self._full(self._clients[key]):
+                break
+            self._forget(key)
+            pruned += 1
+        return pruned
 
     def _get(self, key: str) -> _Client:
         client = self._clients.get(key)
         if client is not None:
-            self._clients.move_to_end(key)
             return client
         if len(self._clients) >= self.max_clients:
             self.prune()
-            # Still full: forget the least recently seen clients that hold no session (their
-            # bucket restarts full: a small gift, bounded by the table size).
-            for old in [k for k, c in self._clients.items() if c.attached == 0]:
-                if len(self._clients) < self.max_clients:
-                    break
-                del self._clients[old]
+            # Still full: forget the longest idle clients (their bucket restarts full: a small
+            # gift, bounded by the table size). Clients that hold sessions are never forgotten.
+            while len(self._clients) >= self.max_clients and self._idle:
+                self._forget(next(iter(self._idle)))
         client = self._clients[key] = _Client(self.burst, self.clock())
+        self._idle[key] = None
         return client
+
+    def _forget(self, key: str) -> None:
+        del self._idle[key]
+        del self._clients[key]
 
     def _refill(self, client: _Client) -> None:
         now = self.clock()
