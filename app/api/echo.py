@@ -17,7 +17,6 @@ calls, no per-message logging or pydantic.
 from __future__ import annotations
 
 import logging
-import time
 
 import orjson
 from fastapi import APIRouter, WebSocket
@@ -26,6 +25,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from app.api.echo_frames import FrameError, parse_frame
 from app.api.errors import close_code, close_reason
+from app.api.params import MAX_SESSION_ID_CHARS, MAX_TOKEN_CHARS, parse_token_like, parse_uint
 from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
 from app.services.echo_replies import echo_frame, unpack_frame
 from app.services.echo_service import EchoService
@@ -57,32 +57,31 @@ async def echo(
     token: str | None = None,
     last_seq: str | None = None,
 ) -> None:
-    """Open (no parameters) or resume (``?session_id=...&token=...[&last_seq=N]``) a session."""
+    """Open (no parameters) or resume (``?session_id=...&token=...[&last_seq=N]``) a session.
+
+    Every parameter is parsed (``app.api.params``) before anything is attached, and once a
+    session is attached it is detached on every way out of this handler, exceptions included.
+    """
     state = app_state(websocket)
     service = state.echo
     await websocket.accept()
     session: Session | None = None
-    try:
-        if state.lifecycle.status != "ready" or service is None or not service.running:
-            raise NotReady(f"the service is {state.lifecycle.status}")
-        if (session_id is None) != (token is None):
-            raise InvalidInput("pass both session_id and token, or neither", "invalid_resume")
-        if last_seq is not None and (session_id is None or not last_seq.isdigit()):
-            raise InvalidInput(
-                "last_seq must be a non-negative integer, with session_id and token",
-                "invalid_resume",
-            )
-        client = websocket.client.host if websocket.client else None
-        session = await service.open(session_id, token, _Connection(websocket), client)
-        missed = session.missed(int(last_seq[:20])) if last_seq is not None else []
-    except ServiceError as exc:  # close code and reason from app.api.errors' one table
-        ECHO_SESSIONS_REFUSED.labels(exc.code).inc()
-        if session is not None and service is not None:
-            await service.close(session, ended=exc.code)
-        await websocket.close(close_code(exc), close_reason(exc))
-        return
     ended = "disconnected"
     try:
+        try:
+            resume = _resume_params(session_id, token, last_seq)
+            if state.lifecycle.status != "ready" or service is None or not service.running:
+                raise NotReady(f"the service is {state.lifecycle.status}")
+            client = websocket.client.host if websocket.client else None
+            session = await service.open(resume[0], resume[1], _Connection(websocket), client)
+            missed = session.missed(resume[2]) if resume[2] is not None else []
+        except ServiceError as exc:  # close code and reason from app.api.errors' one table
+            ECHO_SESSIONS_REFUSED.labels(exc.code).inc()
+            if session is not None:  # detached before the client hears why (it may retry)
+                attached, session = session, None
+                await service.close(attached, ended=exc.code)  # type: ignore[union-attr]
+            await websocket.close(close_code(exc), close_reason(exc))
+            return
         await websocket.send_text(
             orjson.dumps(
                 {
@@ -102,7 +101,25 @@ async def echo(
     except (WebSocketDisconnect, OSError):
         ended = "client gone"
     finally:
-        await service.close(session, ended=ended)
+        if session is not None and service is not None:
+            await service.close(session, ended=ended)
+
+
+def _resume_params(
+    session_id: str | None, token: str | None, last_seq: str | None
+) -> tuple[str | None, str | None, int | None]:
+    """The query's resume parameters, parsed strictly (``InvalidInput`` ``invalid_resume``)."""
+    if (session_id is None) != (token is None):
+        raise InvalidInput("pass both session_id and token, or neither", "invalid_resume")
+    if last_seq is not None and session_id is None:
+        raise InvalidInput("last_seq needs session_id and token", "invalid_resume")
+    if session_id is None or token is None:
+        return None, None, None
+    return (
+        parse_token_like(session_id, "session_id", MAX_SESSION_ID_CHARS, "invalid_resume"),
+        parse_token_like(token, "token", MAX_TOKEN_CHARS, "invalid_resume"),
+        None if last_seq is None else parse_uint(last_seq, "last_seq", "invalid_resume"),
+    )
 
 
 async def _serve(websocket: WebSocket, service: EchoService, session: Session) -> str:
@@ -112,10 +129,10 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
     # The raw ASGI callables under Starlette's state checks (a few % of the per-message CPU);
     # a send to a vanished client raises OSError (uvicorn's ClientDisconnected).
     receive, send = websocket._receive, websocket._send
-    frame_error, clock = FrameError, time.monotonic
+    frame_error, touch = FrameError, service.toucher(session)
     while True:
         message = await receive()
-        session.last_seen = clock()  # any frame counts against ECHO_IDLE_TIMEOUT_S
+        touch(session)  # any frame counts against ECHO_IDLE_TIMEOUT_S
         text = message.get("text")
         if text is None:
             if message["type"] == "websocket.disconnect":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from app.core.config import Settings
@@ -36,6 +37,7 @@ from app.services.models import EchoModel
 from app.services.redis_sessions import LeaseLost, RedisSessions, Step
 
 log = logging.getLogger(__name__)
+SWEEP_BATCH = 1000  # idle connections ended per lane in one sweeper pass
 
 
 class Closable(Protocol):
@@ -272,18 +274,37 @@ class EchoService:
             if not (await self.durable.commit([step]))[0]:
                 raise LeaseLost()
 
+    def toucher(self, session: Session) -> Callable[[Session], None]:
+        """What the connection calls on each of ``session``'s messages (O(1): the idle clock)."""
+        store = self.lanes[session.version].store
+        assert store is not None
+        return store.touch
+
     async def _sweep(self) -> None:
+        """Expire detached sessions, end idle connections, forget idle clients.
+
+        Each pass costs O(what it finds), never O(sessions): every structure it reads is kept in
+        deadline order. A pass ends at most ``SWEEP_BATCH`` connections per lane; if it found
+        that many, the next pass comes at once (after yielding), so one tick stays short.
+        """
         s = self.settings
         interval = min(max(min(s.echo_session_ttl_s, s.echo_idle_timeout_s) / 4, 0.05), 30.0)
         while True:
             await asyncio.sleep(interval)
-            self.limits.prune()
-            for lane in list(self.lanes.values()):
-                if lane.store is None:
-                    continue
-                lane.store.evict_expired()
-                for session in lane.store.idle_attached(s.echo_idle_timeout_s):
-                    self._end_idle(session)
+            busy = True
+            while busy:
+                busy = False
+                self.limits.prune()
+                for lane in list(self.lanes.values()):
+                    if lane.store is None:
+                        continue
+                    lane.store.evict_expired()
+                    idle = lane.store.idle_attached(s.echo_idle_timeout_s, SWEEP_BATCH)
+                    for session in idle:
+                        self._end_idle(session)
+                    busy |= len(idle) == SWEEP_BATCH
+                if busy:
+                    await asyncio.sleep(0)
 
     def _end_idle(self, session: Session) -> None:
         if session.id in self._connections:

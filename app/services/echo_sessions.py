@@ -6,7 +6,9 @@ each instead of stacking small arrays. The matrix grows by doubling up to the se
 
 Only attached sessions can fill the store: at the cap, the least recently used detached session
 is evicted to admit a new one (its later resume is told ``session_evicted``). Detached sessions
-are kept in least-recently-used order, so eviction (by TTL or by LRU) costs O(evicted).
+are kept in least-recently-used order, so eviction (by TTL or by LRU) costs O(evicted); attached
+ones in the order of their last message (:meth:`SessionStore.touch`, O(1) per message), so the
+idle check costs O(idle found). Nothing here scans every session except :meth:`clear`.
 
 Each session also keeps its last ``replies`` packed echo replies (``app.services.echo_replies``)
 for resumes with ``?last_seq=``. With the Redis store (``keep_detached=False``) this matrix only
@@ -92,6 +94,7 @@ class SessionStore:
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low slots first
         self.sessions: dict[str, Session] = {}
         self._detached: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._attached: OrderedDict[str, Session] = OrderedDict()  # least recently active first
         self._evicted: OrderedDict[str, None] = OrderedDict()  # recent LRU victims, bounded
 
     def __len__(self) -> int:
@@ -130,6 +133,7 @@ class SessionStore:
         """Forget a session at once (it could not be stored)."""
         if session.attached:
             session.attached = False
+            self._attached.pop(session.id, None)
             ECHO_ACTIVE_SESSIONS.dec()
         if session.id in self.sessions:
             self._drop(session)
@@ -187,6 +191,7 @@ class SessionStore:
             return
         session.attached = False
         session.last_seen = time.monotonic()
+        self._attached.pop(session.id, None)
         ECHO_ACTIVE_SESSIONS.dec()
         if self.keep_detached:
             self._detached[session.id] = session
@@ -195,6 +200,15 @@ class SessionStore:
         log.info(
             "echo session detached", extra={"session": session.id, "seq": session.seq, **log_extra}
         )
+
+    def touch(self, session: Session) -> None:
+        """The session's connection sent a message (the idle timeout starts again); O(1)."""
+        session.last_seen = time.monotonic()
+        try:
+            self._attached.move_to_end(session.id)
+        except KeyError:  # reported idle meanwhile, and its connection is being closed
+            if session.attached:
+                self._attached[session.id] = session
 
     def reset(self, session: Session) -> None:
         self.states[session.slot] = self.initial
@@ -210,10 +224,21 @@ class SessionStore:
             log.info("echo sessions evicted", extra={"count": expired})
         return expired
 
-    def idle_attached(self, idle_s: float) -> list[Session]:
-        """Attached sessions whose connection sent nothing for longer than ``idle_s``."""
-        since = time.monotonic() - idle_s
-        return [s for s in self.sessions.values() if s.attached and s.last_seen < since]
+    def idle_attached(self, idle_s: float, limit: int = 1000) -> list[Session]:
+        """Up to ``limit`` attached sessions whose connection sent nothing for longer than
+        ``idle_s``, least recently active first; each is reported once (until its next message).
+
+        O(found): the attached sessions are kept in the order of their last message.
+        """
+        since, found = time.monotonic() - idle_s, []
+        attached = self._attached
+        while attached and len(found) < limit:
+            session = next(iter(attached.values()))
+            if session.last_seen >= since:
+                break
+            del attached[session.id]
+            found.append(session)
+        return found
 
     def clear(self) -> None:
         for session in list(self.sessions.values()):
@@ -227,11 +252,13 @@ class SessionStore:
         self._detached.pop(session.id, None)
         session.attached = True
         session.last_seen = time.monotonic()
+        self._attached[session.id] = session
         ECHO_ACTIVE_SESSIONS.inc()
 
     def _drop(self, session: Session) -> None:
         del self.sessions[session.id]
         self._detached.pop(session.id, None)
+        self._attached.pop(session.id, None)
         self._free.append(session.slot)
         ECHO_STORED_SESSIONS.set(len(self.sessions))
 
