@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from playwright.sync_api import sync_playwright
 from bench import server
 from tests.browser import find_chromium
 from tests.page_drawing import predicted_digit, trace_digit
-from training.mnist_data import load_mnist
+from training.mnist_data import find_mnist, load_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("pixels", "png")
@@ -36,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "page_digits.json")
     args = parser.parse_args()
 
-    mnist = load_mnist(os.environ.get("MNIST_DIR") or REPO.parent / "shared" / "data" / "mnist")
+    mnist = load_mnist(find_mnist())
     images = mnist.x_test[args.offset : args.offset + args.count]
     labels = mnist.y_test[args.offset : args.offset + args.count].tolist()
     answers: dict[str, list[int]] = {mode: [] for mode in MODES}

@@ -9,7 +9,6 @@ the tree clean.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from playwright.sync_api import expect, sync_playwright
 from tests.browser import find_chromium
 from tests.live_server import REPO, start_server
 from tests.page_drawing import draw_and_read
-from training.mnist_data import load_mnist
+from training.mnist_data import find_mnist, load_mnist
 
 OUT = REPO / "docs" / "screenshots"
 
@@ -30,7 +29,7 @@ def main() -> None:
     parser.add_argument("--digit", type=int, default=0, help="index in the MNIST test set")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    mnist = load_mnist(os.environ.get("MNIST_DIR") or REPO.parent / "shared" / "data" / "mnist")
+    mnist = load_mnist(find_mnist())
     image = mnist.x_test[args.digit]
 
     with (

@@ -23,6 +23,8 @@ from modelspec.contract import (
 from tests.live_server import REPO, SERVER_COMMAND, LiveServer, free_port
 from tests.metrics import sample_value
 
+pytestmark = pytest.mark.slow  # every test here starts or uses a server
+
 
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of sample ``name`` with ``labels`` (0 when absent)."""

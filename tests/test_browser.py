@@ -46,6 +46,7 @@ def test_without_any_browser_the_message_says_how_to_get_one(
     assert "make browser" in str(caught.value) and "apt-get install chromium" in str(caught.value)
 
 
+@pytest.mark.slow  # needs the browser `make browser` installs
 def test_this_machine_has_one() -> None:
     """What the page tests will launch; fails (never skips) where there is none."""
     path = find_chromium()

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
+import http.server
 import re
 import shutil
 import struct
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from training import mnist_data
 from training.mnist_data import (
     FILES,
     MnistData,
     MnistDataError,
+    download_mnist,
+    has_mnist,
     load_mnist,
     read_idx,
     split_validation,
@@ -137,3 +145,51 @@ def test_split_validation(mnist: MnistData, stratify: bool) -> None:
 def test_split_validation_rejects_bad_size(mnist: MnistData) -> None:
     with pytest.raises(ValueError, match="validation size"):
         split_validation(mnist.x_train, mnist.y_train, 60000)
+
+
+@contextlib.contextmanager
+def mirror_of(folder: Path) -> Iterator[str]:
+    """A real HTTP server on loopback serving ``folder``, as the download's mirror."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_download_fetches_and_checks_every_file(mnist_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with mirror_of(mnist_dir) as url:
+        assert download_mnist(cache, mirror=url) == cache
+        assert has_mnist(cache)
+        assert download_mnist(cache, mirror="http://127.0.0.1:9/") == cache  # all there: no fetch
+    assert load_mnist(cache).y_test[:3].tolist() == [7, 2, 1]
+
+
+def test_a_download_that_fails_its_checksum_is_not_kept(mnist_dir: Path, tmp_path: Path) -> None:
+    bad = copy_of(mnist_dir, tmp_path / "bad", skip=FILES["test_labels"][0])
+    (bad / FILES["test_labels"][0]).write_bytes(b"not mnist")
+    cache = tmp_path / "cache"
+    with mirror_of(bad) as url, pytest.raises(MnistDataError, match="corrupt"):
+        download_mnist(cache, mirror=url)
+    assert not (cache / FILES["test_labels"][0]).exists()
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no partial file
+
+
+def test_offline_with_no_copy_says_where_to_put_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MNIST_DIR", raising=False)
+    monkeypatch.setattr(mnist_data, "SHARED_DIR", tmp_path / "shared")
+    monkeypatch.setattr(mnist_data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(mnist_data, "MIRROR", "http://127.0.0.1:9/")  # nothing listens there
+    with pytest.raises(MnistDataError) as info:
+        mnist_data.find_mnist()
+    message = str(info.value)
+    assert str(tmp_path / "shared") in message and "MNIST_DIR" in message
+    assert "train-images-idx3-ubyte.gz" in message

@@ -18,6 +18,7 @@ from tests.live_server import REPO, LiveServer
 JS = [name for name in FILES if name.endswith(".js")]
 
 
+@pytest.mark.slow
 def test_index_is_the_page_with_a_self_only_csp(live_server: LiveServer) -> None:
     r = httpx.get(f"{live_server.base_url}/")
     assert r.status_code == 200
@@ -34,6 +35,7 @@ def test_index_is_the_page_with_a_self_only_csp(live_server: LiveServer) -> None
     assert 'href="/docs"' in r.text and 'href="/v1/models"' in r.text
 
 
+@pytest.mark.slow
 def test_every_file_the_page_loads_is_served_with_its_type(live_server: LiveServer) -> None:
     html = (STATIC_DIR / "index.html").read_text()
     wanted = set(re.findall(r'(?:src|href)="/static/([^"]+)"', html))
@@ -59,6 +61,7 @@ def test_no_network_access_and_small_readable_scripts() -> None:
             assert len(text.splitlines()) <= 300, f"{name} is over 300 lines"
 
 
+@pytest.mark.slow
 def test_unchanged_files_answer_304_and_head_has_no_body(live_server: LiveServer) -> None:
     url = f"{live_server.base_url}/static/echo.js"
     first = httpx.get(url)
@@ -69,6 +72,7 @@ def test_unchanged_files_answer_304_and_head_has_no_body(live_server: LiveServer
     assert head.headers["content-length"] == str(len((STATIC_DIR / "index.html").read_bytes()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "path",
     [

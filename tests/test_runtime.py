@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT as REPO
 
 SCRIPT = """
@@ -31,6 +33,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_runtime_freezes_start_up_sets_thresholds_and_observes_each_collection() -> None:
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=60

@@ -1,7 +1,10 @@
 """MNIST from the four original IDX files, checksum-verified, plus a seeded validation split.
 
 ``load_mnist(data_dir)`` reads ``data_dir`` (or ``$MNIST_DIR``); with neither it falls back to
-``keras.datasets.mnist.load_data()``, which downloads the data set.
+``keras.datasets.mnist.load_data()``, which downloads the data set. ``find_mnist()`` finds the
+four files for the tests and ``make train``: ``$MNIST_DIR``, else ``../shared/data/mnist`` beside
+the checkout, else a cache (``~/.cache/rnn-serving/mnist``) that :func:`download_mnist` fills from
+the standard mirror, every file md5-checked before it is kept.
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 import struct
+import tempfile
+import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,11 @@ FILES = {
     "test_labels": ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
 }
 IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the only one MNIST uses
+# Where TensorFlow's and Keras's own MNIST loaders download the original files from.
+MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rnn-serving/mnist"
 
 
 class MnistDataError(RuntimeError):
@@ -66,6 +77,63 @@ def verify_md5(path: Path, expected: str) -> str:
             "(download it again from the original source)"
         )
     return actual
+
+
+def has_mnist(folder: Path) -> bool:
+    return all((folder / name).is_file() for name, _ in FILES.values())
+
+
+def download_mnist(folder: Path = CACHE_DIR, mirror: str = MIRROR, timeout_s: float = 60) -> Path:
+    """The four files in ``folder``, downloaded from ``mirror`` where missing; each is written
+    only once its md5 matches the published one (``MnistDataError`` otherwise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, expected in FILES.values():
+        target = folder / filename
+        if target.is_file():
+            verify_md5(target, expected)
+            continue
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{filename}.", delete=False) as tmp:
+            partial = Path(tmp.name)
+            try:
+                with urllib.request.urlopen(mirror + filename, timeout=timeout_s) as answer:
+                    shutil.copyfileobj(answer, tmp)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+        try:
+            verify_md5(partial, expected)
+        except MnistDataError:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(target)
+    return folder
+
+
+def find_mnist(download: bool = True) -> Path:
+    """The folder holding the four MNIST files: ``$MNIST_DIR``, else ``../shared/data/mnist``,
+    else the cache, downloaded into it if ``download``.
+
+    Raises ``MnistDataError`` saying where to put the files if none has them and the download
+    fails (offline).
+    """
+    named = os.environ.get(ENV_VAR)
+    if named:
+        return Path(named)
+    for folder in (SHARED_DIR, CACHE_DIR):
+        if has_mnist(folder):
+            return folder
+    if download:
+        try:
+            return download_mnist(CACHE_DIR, mirror=MIRROR)
+        except (OSError, MnistDataError) as exc:
+            reason = f"the download from {MIRROR} failed ({exc})"
+    else:
+        reason = "downloading was not allowed"
+    raise MnistDataError(
+        f"MNIST not found: no ${ENV_VAR}, no files in {SHARED_DIR} or {CACHE_DIR}, and {reason}. "
+        f"Put the four original files ({', '.join(n for n, _ in FILES.values())}) in one of "
+        f"those folders, or point ${ENV_VAR} at a folder that holds them."
+    )
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:

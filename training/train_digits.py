@@ -37,7 +37,7 @@ from modelspec.contract import (
 )
 from modelspec.digits import RECURRENT_LAYERS, build_digit_model, export_digit_model, scale_pixels
 from training.common import DEFAULT_MODEL_DIR, set_seed, write_metadata
-from training.mnist_data import ENV_VAR, MnistData, load_mnist, split_validation
+from training.mnist_data import ENV_VAR, MnistData, find_mnist, load_mnist, split_validation
 from training.plots import plot_training_curves
 from training.publish import plan_version, publish
 
@@ -50,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags (defaults are the shipped model's recipe)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1].removeprefix("Title: "))
     p.add_argument(
-        "--data-dir", type=Path, default=None, help=f"default: ${ENV_VAR}, else download"
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"default: ${ENV_VAR}, else ../shared/data/mnist, else a checksum-verified download "
+        "into ~/.cache/rnn-serving/mnist",
     )
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--version", type=int, default=None, help="default: the next free one")
@@ -227,7 +231,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     started = time.perf_counter()
     set_seed(args.seed)
     target = plan_version(args.model_dir, DIGIT_MODEL, args.version)  # fail fast if taken
-    data = load_mnist(args.data_dir)
+    data = load_mnist(args.data_dir or find_mnist())
     model, history, info = train(args, data)
     scores = evaluate(model, data.x_test, data.y_test)
 
