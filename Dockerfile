@@ -13,10 +13,12 @@
 # `docker build` on Docker 23+ (buildx). See docs/containers.md.
 
 ARG TF_VARIANT=gpu
+# The base image, pinned to an exact release (Python 3.11.14, Debian 12 "bookworm").
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # The requirement lists, read from pyproject.toml. Only their content reaches the next stage, so
 # an edit elsewhere in pyproject.toml (tool settings) does not reinstall TensorFlow.
-FROM python:3.11-slim AS requirements
+FROM ${PYTHON_IMAGE} AS requirements
 ARG TF_VARIANT
 COPY pyproject.toml /tmp/pyproject.toml
 RUN case "$TF_VARIANT" in cpu|gpu) ;; *) echo "TF_VARIANT must be cpu or gpu" >&2; exit 1 ;; esac \
@@ -27,7 +29,7 @@ open('/tmp/requirements.txt', 'w').write('\n'.join(p['dependencies'] + extra[sys
 open('/tmp/requirements-train.txt', 'w').write('\n'.join(extra['train']))" "$TF_VARIANT"
 
 
-FROM python:3.11-slim AS base
+FROM ${PYTHON_IMAGE} AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
