@@ -300,10 +300,14 @@ async def measure(
         step |= {"first": first, "open_before": before, "open_after": len(conns)}
         step["rss_mb"] = rss_mb(pid)
         step |= meter.read()
+        step["server_cpu_ms_per_open"] = (
+            step["server_cpu_pct"] * step["wall_s"] * 10 / max(1, step["opened"])
+        )
         out["steps"].append(step)
         log(
             f"{name:>8} open {before:>6,} -> {len(conns):>6,}: {step['opens_per_s']:7.0f} opens/s"
-            f" (p99 {step['open_p99_ms']:6.1f} ms, {step['failed']} failed), RSS"
+            f" (p99 {step['open_p99_ms']:6.1f} ms, {step['failed']} failed, server"
+            f" {step['server_cpu_ms_per_open']:.2f} CPU ms/open), RSS"
             f" {step['rss_mb']:6.0f} MB, server {step['server_cpu_pct']:3.0f} % client"
             f" {step['client_cpu_pct']:3.0f} %"
         )
@@ -314,7 +318,8 @@ async def measure(
     rest = meter.read()
     if redis is not None:
         now = redis_info(redis)
-        rest["redis_commands_per_s"] = (now["commands"] - redis_rest["commands"] - 1) / (
+        ours = 2  # the two INFO calls of the first sample (INFO does not count itself)
+        rest["redis_commands_per_s"] = (now["commands"] - redis_rest["commands"] - ours) / (
             now["t"] - redis_rest["t"]
         )
     rest["sessions_lost"] = sum(c.lost for c in conns)
@@ -437,9 +442,9 @@ def log(msg: str) -> None:
     print(f"[sessions {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def commit() -> str:
+def commit(cwd: Path = server.REPO) -> str:
     done = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=server.REPO, capture_output=True, text=True
+        ["git", "describe", "--always", "--dirty"], cwd=cwd, capture_output=True, text=True
     )
     return done.stdout.strip() or "unknown"
 
@@ -480,6 +485,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "service_env": SERVICE_ENV,
         "machine_before": machine_state(),
     }
+    if meta["machine_before"]["loadavg"][0] > 0.5:
+        log(f"WARNING: load average {meta['machine_before']['loadavg'][0]:.2f} > 0.5: noisy")
+    t0, cpu0 = time.monotonic(), self_cpu_seconds()
     rows = []
     redis: RedisServer | None = None
     try:
@@ -499,11 +507,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 redis_py.Redis(port=redis.port).flushall()
             log(f"{name}: starting {'python -m app' if app is None else app}")
             with server.running(env, tmp / f"{name}.log", cwd=cwd, app=app, timeout=180) as srv:
-                rows.append(uvloop.run(measure(name, srv, redis if uses_redis else None, args)))
+                row = uvloop.run(measure(name, srv, redis if uses_redis else None, args))
+            rows.append(row | {"cwd": str(cwd), "commit": commit(cwd)})
     finally:
         if redis is not None:
             redis.stop()
     meta["machine_after"] = machine_state()
+    meta["total_s"] = time.monotonic() - t0
+    meta["client_cpu_s"] = self_cpu_seconds() - cpu0  # this process: the client, all phases
     return {"meta": meta, "configs": rows, "targets": targets(rows)}
 
 
@@ -526,7 +537,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"`{meta['command']}`, {meta['started']}, commit {meta['commit']}, server code "
         f"{meta['server_source_sha256']}, {meta['cpu_count']} cores, load average before "
         f"{meta['machine_before']['loadavg'][0]:.2f}. Configurations ran one after another, "
-        "each on a fresh server; the client (one process) shares the cores.",
+        "each on a fresh server; the client (this one process) shares the cores: "
+        f"{meta['client_cpu_s']:.0f} CPU s over the {meta['total_s']:.0f} s run.",
         "",
         "## Targets",
         "",
@@ -538,15 +550,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {t['config']} | {t['target']} | {t['value']:,.2f} | {t['threshold']:,.2f} | "
             f"{'PASS' if t['pass'] else 'FAIL'} |"
         )
-    lines += ["", "## Opens/s by sessions already open", ""]
+    lines += [
+        "",
+        "## Opens/s by sessions already open (server CPU ms per open)",
+        "",
+    ]
     lines += ["| open before | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for i, step in enumerate(rows[0]["steps"] if rows else []):
         cells = []
         for r in rows:
             s = r["steps"][i] if i < len(r["steps"]) else None
             cells.append(
-                "" if s is None else f"{s['opens_per_s']:,.0f}" + (f" ({s['failed']} failed)"
-                                                                   if s["failed"] else "")
+                "" if s is None else f"{s['opens_per_s']:,.0f} ({s['server_cpu_ms_per_open']:.2f})"
+                + (f", {s['failed']} failed" if s["failed"] else "")
             )  # fmt: skip
         lines.append(f"| {step['first']:,} | " + " | ".join(cells) + " |")
     for r in rows:
