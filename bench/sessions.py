@@ -209,7 +209,8 @@ def gc_pauses(before: dict[str, float], after: dict[str, float]) -> dict[str, di
     return out
 
 
-def redis_info(redis: RedisServer | None) -> dict[str, float]:
+def redis_info(redis: RedisServer | None) -> dict[str, Any]:
+    """Commands processed (those scripts call included), calls per command, ``used_memory``."""
     if redis is None:
         return {}
     import redis as redis_py
@@ -217,8 +218,10 @@ def redis_info(redis: RedisServer | None) -> dict[str, float]:
     client = redis_py.Redis(port=redis.port)
     try:
         stats, memory = client.info("stats"), client.info("memory")
+        calls = {k[8:]: v["calls"] for k, v in client.info("commandstats").items()}
         return {
             "commands": stats["total_commands_processed"],
+            "calls": calls,
             "used_memory": memory["used_memory"],
             "t": time.monotonic(),
         }
@@ -318,14 +321,15 @@ async def measure(
     rest = meter.read()
     if redis is not None:
         now = redis_info(redis)
-        ours = 2  # the two INFO calls of the first sample (INFO does not count itself)
-        rest["redis_commands_per_s"] = (now["commands"] - redis_rest["commands"] - ours) / (
-            now["t"] - redis_rest["t"]
-        )
+        wall = now["t"] - redis_rest["t"]
+        by_name = {k: (v - redis_rest["calls"].get(k, 0)) / wall for k, v in now["calls"].items()}
+        ours = sum(by_name.pop(k, 0.0) for k in ("info", "client", "hello"))  # this sampling
+        rest["redis_commands_per_s"] = (now["commands"] - redis_rest["commands"]) / wall - ours
+        rest["redis_calls_per_s"] = {k: round(v, 1) for k, v in by_name.items() if v > 0.05}
     rest["sessions_lost"] = sum(c.lost for c in conns)
     out["rest"] = rest
-    log(f"{name:>8} at rest, {len(conns):,} open: " + ", ".join(f"{k} {v:.1f}" for k, v in
-        rest.items()))  # fmt: skip
+    log(f"{name:>8} at rest, {len(conns):,} open: " + ", ".join(f"{k} {v:.1f}" if isinstance(
+        v, float | int) else f"{k} {v}" for k, v in rest.items()))  # fmt: skip
     scrapes.append(metric_samples(scrape(srv.port)))
     for count in (args.step, args.sessions - args.step):
         live = [c for c in conns if not c.lost][:count]
@@ -469,6 +473,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if fds < args.sessions + 100:
         raise SystemExit(f"file-descriptor limit {fds} is too low for {args.sessions} sessions")
     tmp = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
+    log(f"server logs in {tmp}")
     meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
@@ -482,6 +487,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "warmup_s": args.warmup,
         "duration_s": args.duration,
         "rest_s": args.rest,
+        "server_logs": str(tmp),
         "service_env": SERVICE_ENV,
         "machine_before": machine_state(),
     }
@@ -590,7 +596,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "RSS of the server process; detached: after closing every session (the service keeps "
         "them resumable for their TTL; freed memory Python keeps counts too). At rest: "
-        f"{meta['rest_s']:g} s with every session open and idle.",
+        f"{meta['rest_s']:g} s with every session open and idle; Redis commands count those "
+        "scripts call (calls per command in brackets: `evalsha` is one round trip).",
         "",
         "| config | sessions | RSS start MB | RSS open MB | KB / open session | KB / detached "
         "session | Redis B / open session | Redis B / detached | server CPU % at rest | "
@@ -602,13 +609,14 @@ def markdown(results: dict[str, Any]) -> str:
         redis_open = m.get("redis_bytes_per_open_session")
         redis_closed = m.get("redis_bytes_per_detached_session")
         cmds = rest.get("redis_commands_per_s")
+        calls = ", ".join(f"{k} {v:,g}" for k, v in rest.get("redis_calls_per_s", {}).items())
         lines.append(
             f"| {r['config']} | {m['sessions']:,} | {m['rss_start_mb']:.0f} | "
             f"{m['rss_open_mb']:.0f} | {m['kb_per_open_session']:.1f} | "
             f"{m['kb_per_detached_session']:.1f} | "
             + (f"{redis_open:,.0f} | {redis_closed:,.0f}" if redis_open is not None else "- | -")
             + f" | {rest['server_cpu_pct']:.1f} | "
-            + (f"{cmds:,.1f}" if cmds is not None else "-")
+            + (f"{cmds:,.1f} ({calls})" if cmds is not None else "-")
             + f" | {rest['sessions_lost']} |"
         )
     lines += [
