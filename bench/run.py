@@ -10,7 +10,10 @@
 6. echo with sessions in Redis vs in memory, and 1 vs 2 workers (``bench.stores``) →
    ``stores.{md,json}``; ``--only stores`` runs just this;
 7. open-loop latency at fixed offered loads beside the floor (``bench.openloop compare``) →
-   ``openloop.{md,json,png}``; ``--only openloop`` runs just this.
+   ``openloop.{md,json,png}``; ``--only openloop`` runs just this;
+8. echo sessions at scale beside the floor (``bench.sessions``: open rate, latency, memory and
+   GC by open sessions, 10,000; quick 2,000) → ``sessions.{md,json,png}``; ``--only sessions``
+   runs just this.
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--log-level", help="server LOG_LEVEL (default: the service's own, INFO)")
     ap.add_argument(
-        "--only", choices=["protocols", "stores", "openloop"], help="run only this part"
+        "--only", choices=["protocols", "stores", "openloop", "sessions"], help="run only this part"
     )
     ap.add_argument("--rounds", type=int, help="rounds of the protocol comparison (3; quick 1)")
     args = ap.parse_args(argv)
@@ -216,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.only == "openloop":
         run_openloop(args)
+        return
+    if args.only == "sessions":
+        run_sessions(args)
         return
     results: dict[str, Any] = {
         "meta": {
@@ -248,6 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     run_protocols(args, tmp, argv, time.time())
     run_stores(args)
     run_openloop(args)
+    run_sessions(args)
+
+
+def run_sessions(args: argparse.Namespace) -> None:
+    from bench import sessions  # imports this module (the digest): not at the top
+
+    log("echo sessions at scale: open rate, latency, memory, GC by open sessions")
+    sessions.main([*(["--quick"] if args.quick else []), "--out", str(args.out)])
 
 
 def run_openloop(args: argparse.Namespace) -> None:
