@@ -37,6 +37,20 @@ if ! docker info >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1 \
   bash ../shared/tools/docker-sandbox.sh
 fi
 
+step "pinned images (Dockerfile's PYTHON_IMAGE, compose.scale.yaml's Redis and nginx)"
+# Where no registry is reachable (this sandbox), the sandbox's stand-ins carry the floating tags;
+# a pinned tag that cannot be pulled is given to its stand-in, and the log says so.
+pin() {
+  local pinned=$1 standin=$2
+  docker image inspect "$pinned" >/dev/null 2>&1 && return
+  timeout 60 docker pull -q "$pinned" >/dev/null 2>&1 && return
+  echo "no registry: tagging the local stand-in $standin as $pinned"
+  docker tag "$standin" "$pinned"
+}
+pin "$(sed -n 's/^ARG PYTHON_IMAGE=//p' Dockerfile)" python:3.11-slim
+pin "$(grep -o 'redis:[0-9][^}]*-bookworm' compose.scale.yaml)" redis:7-bookworm
+pin "$(grep -o 'nginx:[0-9][^}]*-bookworm' compose.scale.yaml)" nginx:stable-bookworm
+
 step "compose config: GPU (default) and CPU (compose.cpu.yaml) variants"
 "${gpu[@]}" --profile train config --quiet
 "${cpu[@]}" --profile train config --quiet
