@@ -151,13 +151,35 @@ def _check_jpeg(img: JpegImagePlugin.JpegImageFile, data: bytes, max_pixels: int
     if not (img.info.get("progressive") or img.info.get("progression")):
         return
     width, height = img.size
-    sampling = [h * v for _, h, v, _ in img.layer] or [1]
+    sampling = _jpeg_sampling(data) or [1]
     coefficients = width * height * sum(sampling) / max(sampling)
     if 2 * coefficients > 4 * max_pixels:
         raise ImageTooLargeError(
             f"progressive JPEG of {width}×{height} pixels needs more decoding memory than a "
             f"picture of {max_pixels} pixels: send a baseline JPEG, a PNG or a smaller picture"
         )
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+
+
+def _jpeg_sampling(data: bytes) -> list[int]:
+    """Each component's horizontal × vertical sampling factor, from the JPEG's start-of-frame
+    segment (ITU T.81 B.2.2); empty if none is found. Read from the bytes, not from Pillow's
+    undocumented ``JpegImageFile.layer``."""
+    i = 2  # after SOI
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _SOF_MARKERS:
+            count = data[i + 9] if i + 9 < len(data) else 0
+            factors = data[i + 10 : i + 10 + 3 * count]
+            return [(b >> 4) * (b & 0x0F) for b in factors[1::3]]
+        i += 2 + length
+    return []
 
 
 def _reduce(img: Image.Image, factor: int) -> Image.Image:

@@ -231,3 +231,15 @@ def test_webp_size_is_read_before_pillow_opens_it(kw: dict) -> None:
     assert image_decode._webp_size(data) == (4100, 1000)
     with pytest.raises(ImageTooLargeError):  # a quarter of the budget: its decoder keeps copies
         preprocess_digit(data, max_pixels=16_000_000)
+
+
+@pytest.mark.parametrize(("subsampling", "mode"), [(0, "RGB"), (1, "RGB"), (2, "RGB"), (2, "L")])
+def test_jpeg_sampling_factors_are_read_from_the_frame_header(subsampling: int, mode: str) -> None:
+    from modelspec.image_decode import _jpeg_sampling
+
+    buffer = io.BytesIO()
+    Image.new(mode, (64, 48)).save(buffer, "JPEG", subsampling=subsampling, progressive=True)
+    decoded = Image.open(io.BytesIO(buffer.getvalue()))
+    pillow = [h * v for _, h, v, _ in decoded.layer]  # type: ignore[attr-defined]  # Pillow's view
+    assert _jpeg_sampling(buffer.getvalue()) == pillow
+    assert _jpeg_sampling(b"\xff\xd8") == []  # no frame header: the caller assumes [1]

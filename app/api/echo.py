@@ -126,9 +126,8 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
     """Answer the connection's frames one at a time, in order, until it closes."""
     settings = service.settings
     max_bytes, max_bits = settings.echo_max_frame_bytes, settings.echo_max_bits_per_message
-    # The raw ASGI callables under Starlette's state checks (a few % of the per-message CPU);
-    # a send to a vanished client raises OSError (uvicorn's ClientDisconnected).
-    receive, send = websocket._receive, websocket._send
+    # Starlette's public receive/send: a send to a vanished client raises WebSocketDisconnect.
+    receive, send = websocket.receive, websocket.send
     frame_error, touch = FrameError, service.toucher(session)
     while True:
         message = await receive()
