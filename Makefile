@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The MNIST files (tests, make train): $MNIST_DIR, else ../shared/data/mnist beside the checkout,
 # else a checksum-verified download into ~/.cache/rnn-serving/mnist (training/mnist_data.py).
 
-.PHONY: install lint browser test test-fast screenshots serve train bench soak clean
+.PHONY: install lint browser test test-fast test-upgrade screenshots serve train bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,20 @@ test: lint browser
 # refuses a process start in it). Under a minute.
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
+
+# The edge, WebSocket and hostile-client tests against the newest uvicorn, Starlette, FastAPI,
+# websockets and httptools (installed into .upgrade/, ahead of the pinned ones on the path), since
+# app/core/uvicorn_protocols.py uses uvicorn's internals: an upgrade is this one command.
+UPGRADE_PACKAGES := uvicorn[standard] starlette fastapi websockets httptools
+UPGRADE_TESTS := tests/test_hostile_http.py tests/test_hostile_echo.py tests/test_api_echo.py \
+	tests/test_echo_route.py tests/test_hostile_parsing.py tests/test_hostile_round2.py
+test-upgrade: install
+	rm -rf .upgrade
+	$(PY) -m pip install --quiet --upgrade --target .upgrade $(UPGRADE_PACKAGES)
+	PYTHONPATH=$(abspath .upgrade) $(PY) -c 'import uvicorn, starlette, fastapi, websockets, \
+	httptools; print("newest:", *(f"{m.__name__} {m.__version__}" for m in (uvicorn, \
+	starlette, fastapi, websockets, httptools)))'
+	PYTHONPATH=$(abspath .upgrade) $(VENV)/bin/pytest -q $(wildcard $(UPGRADE_TESTS))
 
 # Screenshots of the demo page for the README (docs/screenshots/); tests never write there.
 screenshots: install browser

@@ -8,8 +8,9 @@ deployment gets the same bounds:
 - ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed only from ``TRUSTED_PROXIES``
   (uvicorn's own default would trust 127.0.0.1).
 - A WebSocket client that leaves its replies unread for ``ECHO_SEND_TIMEOUT_S`` is cut off
-  (``app.core.websocket_protocol``).
-- HTTP/1.1 is served by :class:`app.core.edge.EdgeHttpProtocol`: header size, header and body
+  (``app.core.uvicorn_protocols``).
+- HTTP/1.1 is served by :class:`app.core.uvicorn_protocols.EdgeHttpProtocol` with the limits
+  of ``app.core.edge``: header size, header and body
   read timeouts, connection caps (``MAX_CONNECTIONS``, at most the file-descriptor limit less
   ``FD_RESERVE``; the soft limit is first raised to the hard one), idle keep-alive close after
   ``TIMEOUT_KEEP_ALIVE_S``.
@@ -32,8 +33,8 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from app.core.config import Settings, get_settings
-from app.core.edge import EdgeHttpProtocol, EdgeLimits
-from app.core.websocket_protocol import GuardedWebSocketProtocol
+from app.core.edge import EdgeLimits
+from app.core.uvicorn_protocols import EdgeHttpProtocol, GuardedWebSocketProtocol
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app did not start
 FD_RESERVE = 100  # file descriptors kept for models, logs, the listener (~15 when idle)
