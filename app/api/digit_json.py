@@ -25,9 +25,10 @@ from starlette.routing import BaseRoute
 from starlette.types import Scope
 
 from app.api.errors import service_error_response
+from app.api.params import parse_version
 from app.api.raw_route import RawRoute
 from app.schemas.digits import SCALE_MAX, SCALE_MIN, parse_request
-from app.services.errors import InvalidInput, ServiceError
+from app.services.errors import ServiceError
 from app.state import AppState, app_state
 from modelspec.contract import IMAGE_SIZE
 
@@ -73,16 +74,15 @@ async def predict_json(state: AppState, body: bytes, version: int | None = None)
 
 
 def requested_version(scope: Scope) -> int | None:
-    """``?version=N`` of the request (None: the default version); 422 if not a number."""
+    """``?version=N`` of the request (None: the default version); 422 ``invalid_version`` unless
+    it is 1 to 999,999,999 in ASCII digits (``parse_version``)."""
     query = scope.get("query_string", b"")
     if b"version" not in query:
         return None
     values = parse_qs(query.decode("latin-1")).get("version")
     if not values:
         return None
-    if not values[-1].isdigit() or len(values[-1]) > 9 or int(values[-1]) < 1:
-        raise InvalidInput("version must be a positive integer", "invalid_version")
-    return int(values[-1])
+    return parse_version(values[-1])
 
 
 def content_type(scope: Scope) -> bytes:

@@ -15,9 +15,10 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from app.api.params import parse_uint
 from app.schemas.v2 import InferRequest
 from app.services import tensor_codec
-from app.services.errors import InvalidInput
+from app.services.errors import InvalidInput, clip
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -88,16 +89,14 @@ def parse_infer(
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    try:
-        n = int(header_length)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= len(body):
+    try:  # ASCII digits only: int() would take " 12", "1_2" and "١٢" too
+        n = parse_uint(header_length, HEADER_LENGTH, "invalid_binary_data", high=len(body))
+    except InvalidInput:
         raise InvalidInput(
-            f"Inference-Header-Content-Length {header_length!r} is not a byte count within "
-            f"the {len(body)}-byte body",
+            f"Inference-Header-Content-Length {clip(header_length)!r} is not a byte count "
+            f"within the {len(body)}-byte body",
             "invalid_binary_data",
-        )
+        ) from None
     return body[:n], body[n:]
 
 
