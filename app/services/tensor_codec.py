@@ -38,6 +38,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 DATATYPES: dict[np.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 DIGIT_DATATYPES = ("FP32", "UINT8")  # FP32 in [0, 1] or UINT8 0–255
+NUMBER_TYPES = frozenset({int, float, bool})  # what JSON data may hold (bool: checked later)
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -128,6 +129,12 @@ def decode(
             fast = _uint8_fast(flat)
             if fast is not None:
                 return fast.reshape(shape)
+        if flat is not None and not NUMBER_TYPES.issuperset(map(type, flat)):
+            raise InvalidInput(  # before NumPy: it makes every element as wide as the longest
+                f"input {clip(name)!r}: data must hold numbers (or true/false for BOOL) only; "
+                "got strings, null or objects",  # string (one of 3 MB among 784: 9.4 GB)
+                "invalid_data",
+            )
     return _from_json(name, datatype, dtype, shape, count, data)
 
 
