@@ -251,7 +251,9 @@ async def infer_body(
     parsed, tensors = parse_infer(body, header_length, settings.max_request_bytes)
     outputs = wanted_outputs(parsed, DIGIT_OUTPUTS)
     if len(tensors) != 1 or tensors[0].name != DIGIT_INPUT:
-        names = ", ".join(repr(svc.clip(t.name)) for t in tensors)  # ≤ 64 inputs (schema)
+        names = ", ".join(repr(svc.clip(t.name)) for t in tensors[:3])
+        if len(tensors) > 3:
+            names += f", … ({len(tensors)} inputs)"
         raise svc.InvalidInput(
             f"mnist_lstm takes exactly one input, {DIGIT_INPUT!r}; got {names}", "invalid_request"
         )
