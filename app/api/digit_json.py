@@ -156,7 +156,7 @@ def _fast_doc(doc: Any, body: bytes, max_images: int) -> tuple[np.ndarray, bool]
         arr = _general_images(rows, len(images))
         if arr is None:
             return None
-    if body.find(b"true") >= 0 or body.find(b"false") >= 0:  # JSON booleans pass as 0/1 in NumPy
+    if _holds_booleans(body):  # JSON true/false pass as 1/0 in bytes() and NumPy
         return None
     in_range = arr.dtype == np.uint8 and scale >= 255
     if not in_range and not (arr.min() >= 0 and arr.max() <= scale):  # also NaN
@@ -166,11 +166,23 @@ def _fast_doc(doc: Any, body: bytes, max_images: int) -> tuple[np.ndarray, bool]
     return images, one is not None
 
 
+LARGE = 65_536  # bodies scanned with NumPy (bytes.count and .find: ~5× slower over 1 MB)
+
+
 def _quotes(body: bytes) -> int:
-    """How many ``"`` the body holds (vectorised over large bodies: 5× ``bytes.count``)."""
-    if len(body) < 65_536:
+    """How many ``"`` the body holds."""
+    if len(body) < LARGE:
         return body.count(b'"')
     return int(np.count_nonzero(np.frombuffer(body, np.uint8) == ord('"')))
+
+
+def _holds_booleans(body: bytes) -> bool:
+    """Whether the body holds a JSON true or false: a body that got here has keys in
+    ``FIELDS`` and numbers only, none of which has a ``t`` or an ``f``."""
+    if len(body) < LARGE:
+        return body.find(b"true") >= 0 or body.find(b"false") >= 0
+    raw = np.frombuffer(body, np.uint8)
+    return bool(np.count_nonzero(raw == ord("t")) or np.count_nonzero(raw == ord("f")))
 
 
 def _rows(images: list[Any]) -> list[Any] | None:
