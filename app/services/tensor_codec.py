@@ -129,12 +129,15 @@ def decode(
             fast = _uint8_fast(flat)
             if fast is not None:
                 return fast.reshape(shape)
-        if flat is not None and not NUMBER_TYPES.issuperset(map(type, flat)):
-            raise InvalidInput(  # before NumPy: it makes every element as wide as the longest
-                f"input {clip(name)!r}: data must hold numbers (or true/false for BOOL) only; "
-                "got strings, null or objects",  # string (one of 3 MB among 784: 9.4 GB)
-                "invalid_data",
-            )
+        if flat is not None:
+            types = set(map(type, flat))
+            if not NUMBER_TYPES.issuperset(types):
+                raise InvalidInput(  # before NumPy: it makes every element as wide as the
+                    f"input {clip(name)!r}: data must hold numbers (or true/false for BOOL) "
+                    "only; got strings, null or objects",  # longest string (3 MB: 9.4 GB)
+                    "invalid_data",
+                )
+            return _from_json(name, datatype, dtype, shape, count, data, bool in types)
     return _from_json(name, datatype, dtype, shape, count, data)
 
 
@@ -162,7 +165,13 @@ def _uint8_fast(flat: list[Any]) -> np.ndarray | None:
 
 
 def _from_json(
-    name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], count: int, data: Any
+    name: str,
+    datatype: str,
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    count: int,
+    data: Any,
+    holds_bools: bool | None = None,  # known already from the flattened values
 ) -> np.ndarray:
     if type(data) is not list:
         raise InvalidInput(
@@ -184,7 +193,9 @@ def _from_json(
             "invalid_shape",
         )
     kinds = "b" if datatype == "BOOL" else "iu" if dtype.kind in "iu" else "iuf"
-    if array.dtype.kind not in kinds or (datatype != "BOOL" and _holds_bools(data)):
+    if holds_bools is None and datatype != "BOOL":
+        holds_bools = _holds_bools(data)
+    if array.dtype.kind not in kinds or (datatype != "BOOL" and holds_bools):
         what = {"b": "true/false", "iu": "integers", "iuf": "numbers"}[kinds]
         raise InvalidInput(
             f"input {clip(name)!r}: {datatype} data must hold {what} only; got {array.dtype.name} "
