@@ -12,9 +12,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.schemas.digits import EXAMPLE_IMAGE
+from app.services.tensor_codec import MAX_DIMS
 
 Parameters = dict[str, Any]
-MAX_DIMS = 8  # as app.services.tensor_codec.MAX_DIMS
 MAX_TENSORS = 64  # inputs or outputs in one request (mnist_lstm has 1 and 2)
 MAX_PARAMETERS = 64  # keys of one parameters object
 
