@@ -167,7 +167,8 @@ def test_good_and_unknown_versions_still_answer_as_before(app: FastAPI) -> None:
 
 @pytest.mark.parametrize("spoil", [" {}", "{} ", "+{}", "{}_0", "{}".join("١٢"), "٣"])
 def test_the_binary_header_length_is_ascii_digits(app: FastAPI, spoil: str) -> None:
-    """``int()`` took all of these (`` 12``, ``1_20``, Arabic-Indic digits)."""
+    """``int()`` took `` 123``, ``123 ``, ``+123`` and ``1_2_3``; Arabic-Indic digits reach the
+    app as latin-1 mojibake (refused before too, kept as a regression case)."""
     header = orjson.dumps({"inputs": [_input(parameters={"binary_data_size": 784})]})
     length = spoil.format(len(header)) if "{}" in spoil else spoil
     if "_" in length:  # "1_2_3" style: what int() reads as the right length
