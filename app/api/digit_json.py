@@ -25,15 +25,16 @@ from starlette.routing import BaseRoute
 from starlette.types import Scope
 
 from app.api.errors import service_error_response
+from app.api.params import parse_version
 from app.api.raw_route import RawRoute
-from app.schemas.digits import SCALE_MAX, SCALE_MIN, parse_request
-from app.services.errors import InvalidInput, ServiceError
+from app.schemas.digits import FIELDS, SCALE_MAX, SCALE_MIN, parse_request
+from app.schemas.json_budget import check_json_budget
+from app.services.errors import ServiceError
 from app.state import AppState, app_state
 from modelspec.contract import IMAGE_SIZE
 
 PATH = "/predict/digit"
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
-FIELDS = frozenset({"image", "images", "pixel_scale"})
 JSON_TYPE = "application/json"
 
 
@@ -73,16 +74,15 @@ async def predict_json(state: AppState, body: bytes, version: int | None = None)
 
 
 def requested_version(scope: Scope) -> int | None:
-    """``?version=N`` of the request (None: the default version); 422 if not a number."""
+    """``?version=N`` of the request (None: the default version); 422 ``invalid_version`` unless
+    it is 1 to 999,999,999 in ASCII digits (``parse_version``)."""
     query = scope.get("query_string", b"")
     if b"version" not in query:
         return None
     values = parse_qs(query.decode("latin-1")).get("version")
     if not values:
         return None
-    if not values[-1].isdigit() or len(values[-1]) > 9 or int(values[-1]) < 1:
-        raise InvalidInput("version must be a positive integer", "invalid_version")
-    return int(values[-1])
+    return parse_version(values[-1])
 
 
 def content_type(scope: Scope) -> bytes:
@@ -112,18 +112,29 @@ def parse_json_images(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
     """A JSON body → (float32 [n, 28, 28] in [0, 1], whether it was a single ``image``).
 
     The fast path takes the bodies it can prove valid cheaply; every other body (all refusals
-    included) is decided by the schema's :func:`~app.schemas.digits.parse_request`.
+    included) is decided by the schema's :func:`~app.schemas.digits.parse_request`, which is
+    handed the parsed body so as not to parse it again. ``check_json_budget`` first bounds what
+    parsing a large body can cost.
     """
-    fast = _fast_parse(body, max_images)
-    return fast if fast is not None else parse_request(body, max_images)
+    check_json_budget(body)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:  # also NaN, Infinity and 1e999, which orjson refuses
+        return parse_request(body, max_images)  # refuses it, with the reason
+    fast = _fast_doc(doc, body, max_images)
+    return fast if fast is not None else parse_request(body, max_images, doc)
 
 
 def _fast_parse(body: bytes, max_images: int) -> tuple[np.ndarray, bool] | None:
     """orjson, one NumPy array, a few vectorised checks; ``None``: ask the schema."""
     try:
         doc = orjson.loads(body)
-    except orjson.JSONDecodeError:  # also NaN, Infinity and 1e999, which orjson refuses
+    except orjson.JSONDecodeError:
         return None
+    return _fast_doc(doc, body, max_images)
+
+
+def _fast_doc(doc: Any, body: bytes, max_images: int) -> tuple[np.ndarray, bool] | None:
     if type(doc) is not dict or not FIELDS.issuperset(doc):
         return None
     scale = doc.get("pixel_scale", 255)
@@ -134,12 +145,18 @@ def _fast_parse(body: bytes, max_images: int) -> tuple[np.ndarray, bool] | None:
         return None
     if one is None and (type(many) is not list or not 0 < len(many) <= max_images):
         return None
-    arr = _uint8_images([one] if one is not None else many)
-    if arr is None:  # not plain 0–255 integers in well-formed lists: the general path
-        arr = _general_images(one, many)
+    images = [one] if one is not None else many
+    rows = _rows(images)  # the structure first: NumPy never reads a list of the wrong shape
+    if rows is None:
+        return None
+    arr = _uint8_images(rows, len(images))
+    if arr is None:  # not plain 0–255 integers: any numbers
+        if _quotes(body) != 2 * len(doc):  # a string value: NumPy would make every pixel as
+            return None  # wide as the longest string (one of 3 MB among 784: 9.4 GB)
+        arr = _general_images(rows, len(images))
         if arr is None:
             return None
-    if body.find(b"true") >= 0 or body.find(b"false") >= 0:  # JSON booleans pass as 0/1 in NumPy
+    if _holds_booleans(body):  # JSON true/false pass as 1/0 in bytes() and NumPy
         return None
     in_range = arr.dtype == np.uint8 and scale >= 255
     if not in_range and not (arr.min() >= 0 and arr.max() <= scale):  # also NaN
@@ -149,42 +166,63 @@ def _fast_parse(body: bytes, max_images: int) -> tuple[np.ndarray, bool] | None:
     return images, one is not None
 
 
-def _uint8_images(images: list[Any]) -> np.ndarray | None:
-    """The common case fast (~3× ``np.asarray``): images all of one form whose pixels are ints
-    0–255 → uint8 [n, 28, 28]; ``None`` for anything else (``bytes()`` checks the values)."""
+LARGE = 65_536  # bodies scanned with NumPy (bytes.count and .find: ~5× slower over 1 MB)
+
+
+def _quotes(body: bytes) -> int:
+    """How many ``"`` the body holds."""
+    if len(body) < LARGE:
+        return body.count(b'"')
+    return int(np.count_nonzero(np.frombuffer(body, np.uint8) == ord('"')))
+
+
+def _holds_booleans(body: bytes) -> bool:
+    """Whether the body holds a JSON true or false: a body that got here has keys in
+    ``FIELDS`` and numbers only, none of which has a ``t`` or an ``f``."""
+    if len(body) < LARGE:
+        return body.find(b"true") >= 0 or body.find(b"false") >= 0
+    raw = np.frombuffer(body, np.uint8)
+    return bool(np.count_nonzero(raw == ord("t")) or np.count_nonzero(raw == ord("f")))
+
+
+def _rows(images: list[Any]) -> list[Any] | None:
+    """The images' rows if they are all of one form with the right lengths (flat: one row of
+    784 per image; nested: 28 rows of 28), else ``None``; the values are not looked at."""
     first = images[0]
     if type(first) is not list:
         return None
-    rows: list[Any] = []
     if len(first) == PIXELS:
         for image in images:
             if type(image) is not list or len(image) != PIXELS:
                 return None
-        rows = images
-    else:
-        for image in images:
-            if type(image) is not list or len(image) != IMAGE_SIZE:
+        return images
+    rows: list[Any] = []
+    for image in images:
+        if type(image) is not list or len(image) != IMAGE_SIZE:
+            return None
+        for row in image:
+            if type(row) is not list or len(row) != IMAGE_SIZE:
                 return None
-            for row in image:
-                if type(row) is not list or len(row) != IMAGE_SIZE:
-                    return None
-            rows += image
+        rows += image
+    return rows
+
+
+def _uint8_images(rows: list[Any], n: int) -> np.ndarray | None:
+    """The common case fast (~3× ``np.asarray``): pixels that are all ints 0–255 → uint8
+    [n, 28, 28]; ``None`` for anything else (``bytes()`` checks the values)."""
     try:
         data = b"".join(map(bytes, rows))
     except (TypeError, ValueError):  # floats, values outside 0–255, nested lists, strings …
         return None
-    return np.frombuffer(data, np.uint8).reshape(len(images), IMAGE_SIZE, IMAGE_SIZE)
+    return np.frombuffer(data, np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE)
 
 
-def _general_images(one: Any, many: Any) -> np.ndarray | None:
+def _general_images(rows: list[Any], n: int) -> np.ndarray | None:
     """Any numbers via ``np.asarray``: [n, 28, 28] ints or floats, or ``None`` if not that."""
     try:
-        arr = np.asarray(one if one is not None else many)  # no dtype: "1" stays a string
-    except (ValueError, TypeError, OverflowError):  # ragged
+        arr = np.asarray(rows)  # no dtype: "1" stays a string
+    except (ValueError, TypeError, OverflowError):  # ragged: a pixel that is a list
         return None
-    if arr.dtype.kind not in "iuf":  # strings, null, objects, true/false
+    if arr.dtype.kind not in "iuf" or arr.ndim != 2:  # strings, null, objects, true/false
         return None
-    shape = arr.shape if one is not None else arr.shape[1:]
-    if shape not in ((IMAGE_SIZE, IMAGE_SIZE), (PIXELS,)):
-        return None
-    return arr.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    return arr.reshape(n, IMAGE_SIZE, IMAGE_SIZE)

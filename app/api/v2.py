@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError, http_status
+from app.api.params import parse_version
 from app.api.responses import OrjsonResponse
 from app.api.v2_request import HEADER_LENGTH, parse_infer, render_infer, wanted_outputs
 from app.schemas import v2 as schema
@@ -109,16 +110,14 @@ def _model(state: AppState, name: str, version: str | None) -> ServedModel:
     if models is None:  # before the lifespan built the repository
         raise svc.NotReady("the models are not loaded yet")
     if name not in models.versions:
-        raise svc.NotFound(f"unknown model {name!r}; served: {', '.join(models.versions)}")
+        served = ", ".join(models.versions)
+        raise svc.NotFound(f"unknown model {svc.clip(name)!r}; served: {served}")
     if version is None:
         default = models.default(name)
         if default is None or default.model is None:
             raise svc.NotReady(f"no version of {name} is available yet")
         return default.model
-    if not version.isdigit() or len(version) > 9:
-        available = ", ".join(map(str, models.serving(name))) or "none"
-        raise svc.NotFound(f"model {name!r} has no version {version!r}; available: {available}")
-    found = models.version(name, int(version)).model
+    found = models.version(name, parse_version(version)).model
     assert found is not None
     return found
 
@@ -252,7 +251,9 @@ async def infer_body(
     parsed, tensors = parse_infer(body, header_length, settings.max_request_bytes)
     outputs = wanted_outputs(parsed, DIGIT_OUTPUTS)
     if len(tensors) != 1 or tensors[0].name != DIGIT_INPUT:
-        names = ", ".join(repr(t.name) for t in tensors)
+        names = ", ".join(repr(svc.clip(t.name)) for t in tensors[:3])
+        if len(tensors) > 3:
+            names += f", … ({len(tensors)} inputs)"
         raise svc.InvalidInput(
             f"mnist_lstm takes exactly one input, {DIGIT_INPUT!r}; got {names}", "invalid_request"
         )

@@ -15,9 +15,11 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from app.api.params import parse_uint
+from app.schemas.json_budget import check_json_budget
 from app.schemas.v2 import InferRequest
 from app.services import tensor_codec
-from app.services.errors import InvalidInput
+from app.services.errors import InvalidInput, clip
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -41,11 +43,14 @@ def parse_infer(
 ) -> tuple[InferRequest, list[Tensor]]:
     """A request body → the validated JSON request and its input tensors (not decoded yet)."""
     header, binary = _split(body, header_length)
+    check_json_budget(header)
     try:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
         hint = "" if header_length else " (binary data needs Inference-Header-Content-Length)"
-        raise InvalidInput(f"the request is not valid JSON{hint}: {exc}", "invalid_json") from None
+        raise InvalidInput(
+            f"the request is not valid JSON{hint}: {clip(str(exc), 200)}", "invalid_json"
+        ) from None
     try:
         request = InferRequest.model_validate(doc, strict=True)
     except ValidationError as exc:
@@ -57,19 +62,19 @@ def parse_infer(
         if size is None:
             if item.data is None:
                 raise InvalidInput(
-                    f"input {item.name!r} has neither data nor a binary_data_size parameter",
+                    f"input {clip(item.name)!r} has neither data nor a binary_data_size parameter",
                     "invalid_request",
                 )
             tensors.append(Tensor(item.name, item.datatype, shape, data=item.data))
             continue
         if type(size) is not int or size < 0 or item.data is not None:
             raise InvalidInput(
-                f"input {item.name!r}: binary_data_size must be a byte count, without data",
+                f"input {clip(item.name)!r}: binary_data_size must be a byte count, without data",
                 "invalid_binary_data",
             )
         if offset + size > len(binary):
             raise InvalidInput(
-                f"input {item.name!r}: binary_data_size {size} runs past the "
+                f"input {clip(item.name)!r}: binary_data_size {size} runs past the "
                 f"{len(binary)} bytes after the JSON header",
                 "invalid_binary_data",
             )
@@ -88,24 +93,24 @@ def parse_infer(
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    try:
-        n = int(header_length)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= len(body):
+    try:  # ASCII digits only: int() would take " 12", "1_2" and "١٢" too
+        n = parse_uint(header_length, HEADER_LENGTH, "invalid_binary_data", high=len(body))
+    except InvalidInput:
         raise InvalidInput(
-            f"Inference-Header-Content-Length {header_length!r} is not a byte count within "
-            f"the {len(body)}-byte body",
+            f"Inference-Header-Content-Length {clip(header_length)!r} is not a byte count "
+            f"within the {len(body)}-byte body",
             "invalid_binary_data",
-        )
+        ) from None
     return body[:n], body[n:]
 
 
 def _validation_text(exc: ValidationError) -> str:
+    """The first errors, short: the schema's lists fail fast, so there are only a few."""
     parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(clip(str(p)) for p in err["loc"])
+        msg = clip(err["msg"], 200)
+        parts.append(f"{where}: {msg}" if where else msg)
     return "invalid inference request: " + "; ".join(parts)
 
 
@@ -118,7 +123,7 @@ def wanted_outputs(request: InferRequest, available: tuple[str, ...]) -> list[tu
     for out in request.outputs:
         if out.name not in available:
             raise InvalidInput(
-                f"unknown output {out.name!r}; this model has {', '.join(available)}",
+                f"unknown output {clip(out.name)!r}; this model has {', '.join(available)}",
                 "invalid_request",
             )
         params = out.parameters or {}
@@ -126,7 +131,7 @@ def wanted_outputs(request: InferRequest, available: tuple[str, ...]) -> list[tu
             raise InvalidInput("the classification extension is not served", "invalid_request")
         binary = params.get("binary_data", binary_default)
         if type(binary) is not bool:
-            raise InvalidInput(f"output {out.name!r}: binary_data must be true or false")
+            raise InvalidInput(f"output {clip(out.name)!r}: binary_data must be true or false")
         wanted.append((out.name, binary))
     return wanted
 

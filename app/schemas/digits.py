@@ -1,7 +1,8 @@
 """Request and response shapes of ``POST /predict/digit``: the contract, and its validator.
 
-:func:`parse_request` validates a JSON body with :class:`DigitRequest` (pydantic-core, in Rust)
-and is the one definition of what is accepted and of every refusal's code. The route's fast path
+:func:`parse_request` validates a JSON body (parsed by orjson) with :class:`DigitRequest`
+(pydantic-core, in Rust) and is the one definition of what is accepted and of every refusal's
+code; whatever the body, its work is bounded (see its docstring). The route's fast path
 (``app.api.digit_json``) only accelerates bodies this accepts; everything it does not take goes
 through :func:`parse_request`, and a property test checks that both agree.
 """
@@ -24,7 +25,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from app.schemas.common import ModelRef
-from app.services.errors import InvalidInput, TooLarge
+from app.schemas.json_budget import check_json_budget
+from app.services.errors import InvalidInput, TooLarge, clip
 
 IMAGE_SIZE = 28
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -38,6 +40,8 @@ SCALE_MIN, SCALE_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float
 # A crude "1" (a vertical bar of ink), to keep the examples valid and short.
 EXAMPLE_IMAGE = [[255 if 7 <= r < 21 and c == 14 else 0 for c in range(28)] for r in range(28)]
 
+FIELDS = frozenset({"image", "images", "pixel_scale"})
+
 # A JSON number (not true/false, not a string), finite.
 Pixel = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -46,8 +50,12 @@ def _form(value: Any) -> str:
     return "rows" if type(value) is list and value and type(value[0]) is list else "flat"
 
 
+# Every list stops at its first bad item (FailFast) and at one item past its longest valid
+# length: a refusal costs a few errors, not one per value sent (1M errors took 2 s and 1 GB).
+Row = Annotated[list[Pixel], Field(max_length=IMAGE_SIZE, fail_fast=True)]
 Image = Annotated[
-    Annotated[list[list[Pixel]], Tag("rows")] | Annotated[list[Pixel], Tag("flat")],
+    Annotated[list[Row], Field(max_length=IMAGE_SIZE, fail_fast=True), Tag("rows")]
+    | Annotated[list[Pixel], Field(max_length=PIXELS, fail_fast=True), Tag("flat")],
     Discriminator(_form),
 ]
 
@@ -55,10 +63,10 @@ Image = Annotated[
 class DigitRequest(BaseModel):
     """Exactly one of ``image`` and ``images``; values in [0, ``pixel_scale``]."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")  # refused by ``_no_unknown_fields`` first
 
     image: Image | None = Field(None, description=IMAGE_DESCRIPTION)
-    images: list[Image] | None = Field(
+    images: Annotated[list[Image], Field(fail_fast=True)] | None = Field(
         None,
         description="Several images (each as for `image`, all in the same form) classified in "
         "one request; at most `MAX_BATCH_IMAGES` (256 by default).",
@@ -72,6 +80,20 @@ class DigitRequest(BaseModel):
         "1 for floats in [0, 1].",
         examples=[255, 1],
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_fields(cls, data: Any) -> Any:
+        """One error for unknown fields, before the fields are validated: ``extra="forbid"``
+        makes one per field, and 250,000 of them fit in a body."""
+        if type(data) is dict and not FIELDS.issuperset(data):
+            unknown = next(key for key in data if key not in FIELDS)
+            raise PydanticCustomError(
+                "extra_forbidden",
+                "{field}: Extra inputs are not permitted",
+                {"field": clip(str(unknown))},
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_of_image_and_images(self) -> DigitRequest:
@@ -116,41 +138,65 @@ def _code(error: Any) -> str:
     if kind in ("json_invalid", "finite_number"):  # NaN, Infinity, 1e999 are not JSON numbers
         return "invalid_json"
     inside_an_image = len(loc) > 1 and loc[0] in ("image", "images")
-    if not inside_an_image or kind == "extra_forbidden" or loc == ("images",):
+    if not inside_an_image or loc == ("images",):
         return "invalid_request"  # the body's frame: fields, pixel_scale, the images list
     if kind == "float_type" and type(error["input"]) is not list:
         return "invalid_pixels"  # a string, null, object or true/false where a number belongs
     return "invalid_shape"
 
 
-def parse_request(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
+_UNPARSED: Any = object()
+
+
+def parse_request(body: bytes, max_images: int, doc: Any = _UNPARSED) -> tuple[np.ndarray, bool]:
     """A JSON body → (float32 [n, 28, 28] in [0, 1], whether it was a single ``image``).
 
     Raises ``InvalidInput`` (422, code from :data:`CODES`) or ``TooLarge`` (413
-    ``too_many_images``, checked before shapes and pixel values).
+    ``too_many_images``, checked before shapes and pixel values). ``doc``: the body as
+    ``orjson.loads`` parsed it, if the caller has it.
+
+    The work is bounded whatever the body. ``check_json_budget`` bounds the parse; orjson's
+    objects are validated in Python mode, where a list's length is checked before its items
+    (in JSON mode pydantic converts 2M numbers to refuse a list of more than 784); the images
+    are counted before any is validated; every list stops at its first bad item, so a refusal
+    builds a handful of pydantic errors, not one per value sent.
     """
+    if doc is _UNPARSED:
+        check_json_budget(body)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:  # also NaN, Infinity and 1e999
+            raise InvalidInput(f"Invalid JSON: {clip(str(exc), 200)}", "invalid_json") from None
+    if type(doc) is not dict:
+        raise InvalidInput(
+            'the body must be a JSON object: {"image": …} or {"images": […]}', "invalid_request"
+        )
+    images = doc.get("images")
+    if type(images) is list and len(images) > max_images:
+        try:  # the request's frame (fields, pixel_scale) outranks the count: checked on 1 image
+            DigitRequest.model_validate({**doc, "images": images[:1]})
+        except ValidationError as exc:
+            refusal = _refusal(exc)
+            if refusal.code in ("invalid_json", "invalid_request"):
+                raise refusal from None
+        _too_many(len(images), max_images)
     try:
-        request = DigitRequest.model_validate_json(body)
+        request = DigitRequest.model_validate(doc)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        codes = {_code(e): e for e in errors}
-        code = next(c for c in CODES if c in codes)
-        if code in ("invalid_shape", "invalid_pixels"):
-            _check_count(body, max_images)
-        first = codes[code]
-        where = ".".join(str(p) for p in first["loc"] if p not in ("rows", "flat"))
-        raise InvalidInput(f"{where}: {first['msg']}" if where else first["msg"], code) from None
-    if request.images is not None and len(request.images) > max_images:
-        _too_many(len(request.images), max_images)
+        raise _refusal(exc) from None
     pixels = request.pixels()
     scaled = np.divide(pixels, np.float32(request.pixel_scale), dtype=np.float32)
     return scaled, request.image is not None
 
 
-def _check_count(body: bytes, max_images: int) -> None:
-    images = orjson.loads(body).get("images")
-    if type(images) is list and len(images) > max_images:
-        _too_many(len(images), max_images)
+def _refusal(exc: ValidationError) -> InvalidInput:
+    """The refusal of the most important kind among a few pydantic errors (lists fail fast)."""
+    codes = {_code(e): e for e in exc.errors(include_url=False)}
+    code = next(c for c in CODES if c in codes)
+    first = codes[code]
+    where = ".".join(clip(str(p)) for p in first["loc"] if p not in ("rows", "flat"))
+    msg = clip(first["msg"], 200)
+    return InvalidInput(f"{where}: {msg}" if where else msg, code)
 
 
 def _too_many(n: int, max_images: int) -> None:

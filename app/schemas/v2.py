@@ -12,8 +12,11 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.schemas.digits import EXAMPLE_IMAGE
+from app.services.tensor_codec import MAX_DIMS
 
 Parameters = dict[str, Any]
+MAX_TENSORS = 64  # inputs or outputs in one request (mnist_lstm has 1 and 2)
+MAX_PARAMETERS = 64  # keys of one parameters object
 
 
 class V2Error(BaseModel):
@@ -58,12 +61,15 @@ class ModelMetadata(BaseModel):
 
 class RequestInput(BaseModel):
     name: str = Field(examples=["images"])
-    shape: list[int] = Field(examples=[[1, 28, 28]])
+    shape: list[int] = Field(
+        examples=[[1, 28, 28]], max_length=MAX_DIMS, fail_fast=True, description="At most 8 dims."
+    )
     datatype: str = Field(examples=["UINT8"])
     parameters: Parameters | None = Field(
         None,
         description="`binary_data_size`: the tensor's bytes follow the JSON header "
         "(binary tensor data extension) instead of `data`.",
+        max_length=MAX_PARAMETERS,
     )
     data: Any = Field(None, description="The elements, flat or nested, row-major.")
 
@@ -71,18 +77,29 @@ class RequestInput(BaseModel):
 class RequestOutput(BaseModel):
     name: str = Field(examples=["probabilities"])
     parameters: Parameters | None = Field(
-        None, description="`binary_data`: true sends this output as raw bytes."
+        None,
+        description="`binary_data`: true sends this output as raw bytes.",
+        max_length=MAX_PARAMETERS,
     )
 
 
 class InferRequest(BaseModel):
+    """Lists stop at their first bad item and at their bound (``fail_fast``, ``max_length``), so
+    that a refusal costs a few errors however many items were sent (1.3M inputs ``{}`` made 3.9M
+    errors: 10 s and 4 GB)."""
+
     id: str | None = None
     parameters: Parameters | None = Field(
-        None, description="`binary_data_output`: true sends every output as raw bytes."
+        None,
+        description="`binary_data_output`: true sends every output as raw bytes.",
+        max_length=MAX_PARAMETERS,
     )
-    inputs: list[RequestInput] = Field(min_length=1)
+    inputs: list[RequestInput] = Field(min_length=1, max_length=MAX_TENSORS, fail_fast=True)
     outputs: list[RequestOutput] | None = Field(
-        None, description="The outputs wanted (default: all of them)."
+        None,
+        description="The outputs wanted (default: all of them).",
+        max_length=MAX_TENSORS,
+        fail_fast=True,
     )
 
 

@@ -8,6 +8,12 @@ one table that turns each class into an HTTP status and a WebSocket close code.
 from __future__ import annotations
 
 
+def clip(text: str, limit: int = 64) -> str:
+    """``text`` cut to ``limit`` characters, ``…`` marking a cut: client values echoed in a
+    detail stay short whatever the client sent."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class ServiceError(Exception):
     """Base class: a request the service could not serve, with a stable code and a detail."""
 
