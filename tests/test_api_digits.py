@@ -34,7 +34,7 @@ from app.main import create_app
 from app.schemas.digits import DigitBatchPrediction, DigitPrediction
 from app.services.errors import ModelFailed
 from app.state import AppState, Lifecycle
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, wait_until
 from tests.metrics import label_sets, sample_value
 from tests.stub_models import StubModels
 from tests.test_imaging import bomb_png
@@ -326,8 +326,15 @@ def test_each_request_is_one_json_log_line_without_the_body(
 ) -> None:
     assert post_json(client, {"image": sample[0][0].tolist()}).status_code == 200
     assert post_json(client, {"image": [[1]]}).status_code == 422
-    lines = [json.loads(line) for line in live_server.log_text().splitlines() if line[:1] == "{"]
-    access = [e for e in lines if e.get("logger") == "app.access" and e["path"] == PATH]
+
+    def access_lines() -> list[dict[str, Any]]:  # written once the answer is sent: poll for them
+        lines = [
+            json.loads(line) for line in live_server.log_text().splitlines() if line[:1] == "{"
+        ]
+        return [e for e in lines if e.get("logger") == "app.access" and e["path"] == PATH]
+
+    wait_until(lambda: [e["status"] for e in access_lines()[-2:]] == [200, 422], 10, "log lines")
+    access = access_lines()
     fields = {"ts", "level", "logger", "msg", "method", "path", "status", "duration_ms", "client"}
     assert all(set(e) == fields for e in access)  # nothing from the body, ever
     assert all(not isinstance(v, list | dict) for e in access for v in e.values())

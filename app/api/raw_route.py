@@ -21,12 +21,15 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
 
+from app.core.middleware import ROUTE_PATH
+
 
 class RawRoute(BaseRoute):
     """A ``POST`` route whose path matches ``pattern``; subclasses say what they take and answer.
 
-    ``matches`` sets ``scope["route"]`` to :meth:`documented` (the FastAPI route of the same path,
-    for the access log, metrics and OpenAPI) and ``scope["path_params"]`` to the pattern's groups.
+    ``matches`` sets ``scope["route"]`` to this route, ``scope["path_params"]`` to the pattern's
+    groups and ``scope[ROUTE_PATH]`` to the path template of :meth:`documented`, under which the
+    access log and metrics count the request (as they would count the documented route's).
     """
 
     pattern: re.Pattern[str]
@@ -51,7 +54,8 @@ class RawRoute(BaseRoute):
         if found is None or not self.accepts(scope):
             return Match.NONE, {}
         params = {k: v for k, v in found.groupdict().items() if v is not None}
-        return Match.FULL, {"route": self.documented(params), "path_params": params}
+        path = self.documented(params).path  # type: ignore[attr-defined]
+        return Match.FULL, {"route": self, "path_params": params, ROUTE_PATH: path}
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks = []

@@ -20,6 +20,7 @@ from app.core.logging import AccessLog
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from app.services.errors import TooLarge
 
+ROUTE_PATH = "route_path"  # scope key: the path template a raw-ASGI route answers for
 CLIENT_CLOSED = 499
 
 access_log = AccessLog()
@@ -58,8 +59,8 @@ class RequestGuard:
         finally:
             if gone[0] and status >= 500:  # the app saw a disconnect: a 408 from the edge?
                 status = scope.get(EDGE_STATUS, CLIENT_CLOSED)
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = scope.get(ROUTE_PATH) or getattr(scope.get("route"), "path", None)
+            path = path or "unmatched"
             elapsed = time.perf_counter() - start
             method = scope["method"]
             _requests(path, method, status).inc()
