@@ -103,13 +103,13 @@ def test_an_exception_after_attach_detaches_and_the_session_resumes(
     client, state = served
     opened = _open(client)
     assert state.echo is not None
-    service, real_lane = state.echo, state.echo.lane
+    service, real_echo_step = state.echo, state.echo.echo_step
 
-    def exploding_lane(session: Any) -> Any:  # fails between attach and the first frame
-        service.lane = real_lane  # type: ignore[method-assign]  # once
+    def exploding_echo_step(session: Any) -> int:  # fails between attach and the first frame
+        service.echo_step = real_echo_step  # type: ignore[method-assign]  # once
         raise RuntimeError("boom after attach")
 
-    service.lane = exploding_lane  # type: ignore[method-assign]
+    service.echo_step = exploding_echo_step  # type: ignore[method-assign]
     url = f"/echo?session_id={opened['session_id']}&token={opened['token']}"
     with pytest.raises(RuntimeError, match="boom after attach"), client.websocket_connect(url):
         pass

@@ -18,16 +18,22 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.types import Send
 from starlette.websockets import WebSocketDisconnect
 
-from app.api.echo_frames import FrameError, parse_frame
+from app.api.echo_frames import (
+    RESET_FRAME,
+    FrameError,
+    echo_frame,
+    error_frame,
+    parse_frame,
+    replay_frame,
+    session_frame,
+)
 from app.api.errors import close_code, close_reason
 from app.api.params import MAX_SESSION_ID_CHARS, MAX_TOKEN_CHARS, parse_token_like, parse_uint
 from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
-from app.services.echo_replies import echo_frame, unpack_frame
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import Session
 from app.services.errors import GoingAway, InvalidInput, NotReady, ServiceError
@@ -83,20 +89,17 @@ async def echo(
             await websocket.close(close_code(exc), close_reason(exc))
             return
         await websocket.send_text(
-            orjson.dumps(
-                {
-                    "type": "session",
-                    "session_id": session.id,
-                    "token": session.token,
-                    "resumed": session_id is not None,
-                    "echo_step": service.lane(session).model.echo_step,
-                    "seq": session.seq,
-                    "model_version": session.version,
-                }
-            ).decode()
+            session_frame(
+                session_id=session.id,
+                token=session.token,
+                resumed=session_id is not None,
+                echo_step=service.echo_step(session),
+                seq=session.seq,
+                model_version=session.version,
+            )
         )
         for packed in missed:  # replies stored but (maybe) never received, in order
-            await websocket.send_text(unpack_frame(packed))
+            await websocket.send_text(replay_frame(packed))
         ended = await _serve(websocket, service, session)
     except (WebSocketDisconnect, OSError):
         ended = "client gone"
@@ -146,7 +149,7 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
         try:
             if chunk is None:
                 await service.reset(session)
-                await send({"type": "websocket.send", "text": '{"type":"reset"}'})
+                await send({"type": "websocket.send", "text": RESET_FRAME})
                 continue
             probs, bits, seq, packed = await service.advance(session, chunk)  # (stored)
         except GoingAway:
@@ -163,5 +166,4 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
 
 async def _send_error(send: Send, code: str, detail: str) -> None:
     ECHO_ERRORS.labels(code).inc()
-    frame = {"type": "error", "code": code, "detail": detail}
-    await send({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
+    await send({"type": "websocket.send", "text": error_frame(code, detail)})

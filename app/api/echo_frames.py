@@ -1,16 +1,24 @@
-"""Client frames of ``WS /echo``: :func:`parse_frame` turns a text frame into bits or a reset.
+"""The frames of ``WS /echo``, in and out: :func:`parse_frame` turns a client's text frame into
+bits or a reset; the other functions write the server's frames.
 
 The per-message path is deliberately lean: orjson, and the bits checked with a few C-level calls
-instead of pydantic (``app.schemas.echo`` documents the same frames; ``tests/test_echo_frames.py``
-checks that both accept and refuse the same frames).
+instead of pydantic (``app.schemas.echo`` documents the same frames; ``tests/test_api_echo.py``
+checks every server frame against those schemas, ``tests/test_hostile_http.py`` the parser).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import orjson
+
+from app.services.echo_replies import unpack_reply
 
 _BINARY = b"\0\1"
 _MISSING = object()
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+RESET_FRAME = '{"type":"reset"}'
 
 
 class FrameError(Exception):
@@ -58,3 +66,24 @@ def parse_frame(text: str, max_bytes: int, max_bits: int) -> bytes | None:
     if chunk.translate(None, _BINARY):
         raise FrameError("invalid_bits", "bits must be the JSON integers 0 and 1")
     return chunk
+
+
+def echo_frame(seq: int, probs: np.ndarray, bits: np.ndarray) -> str:
+    """The ``echo`` frame's text (float32 probabilities, uint8 bits)."""
+    reply = {"type": "echo", "seq": seq, "probabilities": probs, "bits": bits}
+    return orjson.dumps(reply, option=_NUMPY).decode()
+
+
+def replay_frame(packed: bytes) -> str:
+    """The ``echo`` frame a packed reply was made from, byte for byte (``last_seq`` resumes)."""
+    return echo_frame(*unpack_reply(packed))
+
+
+def session_frame(**fields: Any) -> str:
+    """The ``session`` frame that opens every connection."""
+    return orjson.dumps({"type": "session", **fields}).decode()
+
+
+def error_frame(code: str, detail: str) -> str:
+    """An ``error`` frame: the message was refused, the connection carries on."""
+    return orjson.dumps({"type": "error", "code": code, "detail": detail}).decode()

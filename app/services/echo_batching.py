@@ -60,7 +60,7 @@ class Message:
     def undo(self) -> None:
         """The message failed: put the session back to where it was before it (long ones)."""
         if self.saved is not None and self.done:
-            self.store.states[self.slot] = self.saved
+            self.store.restore(self.slot, self.saved)
 
 
 class EchoSteps:
@@ -89,10 +89,10 @@ class EchoSteps:
         slices = []
         for m in messages:
             if m.done == 0 and len(m.chunk) > step:
-                m.saved = self.store.states[m.slot].copy()
+                m.saved = self.store.state_of(m.slot)
             slices.append(m.chunk[m.done : m.done + step])
         index = np.fromiter((m.slot for m in messages), np.intp, len(messages))
-        return slices, index, self.store.states[index]
+        return slices, index, self.store.gather(index)
 
     def compute(
         self, payload: tuple[list[bytes], np.ndarray, np.ndarray]
@@ -118,9 +118,9 @@ class EchoSteps:
         index = np.fromiter((m.slot for m in messages), np.intp, len(messages))
         if any(done):  # answered meanwhile (deadline, gone): their sessions stay as they were
             live = ~np.array(done)
-            self.store.states[index[live]] = new_state[live]
+            self.store.scatter(index[live], new_state[live])
         else:
-            self.store.states[index] = new_state
+            self.store.scatter(index, new_state)
         results: list[Any] = []
         answered = 0
         step = probs.shape[1]
@@ -148,11 +148,11 @@ class EchoSteps:
         index = [i for i, r in enumerate(results) if type(r) is Echoed]
         if not index:
             return results
-        states = self.store.states
+        state_bytes = self.store.state_bytes
         steps = []
         for i in index:
             session, echoed = messages[i].session, results[i]
-            state = states[session.slot].tobytes()
+            state = state_bytes(session.slot)
             steps.append(Step(session.id, session.fence, state, echoed.seq, echoed.packed))
         ECHO_STORE_WRITES.observe(len(steps))
         try:

@@ -4,22 +4,15 @@ A resume with ``?last_seq=N`` re-sends the replies after ``N`` that the client m
 may have answered and stored a step whose reply never arrived), so every session keeps its most
 recent ``ECHO_REPLAY_REPLIES`` replies: in memory, or in Redis next to its state. Packed, a
 reply is its ``seq`` (8 bytes) plus 5 bytes per bit (float32 probability, uint8 bit), 5x smaller
-than its JSON; :func:`echo_frame` turns it back into exactly the text that was sent.
+than its JSON; :func:`unpack_reply` gives back what ``app.api.echo_frames`` turns into exactly the
+text that was sent.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import orjson
 
-_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _SEQ = 8  # bytes of the packed seq (little-endian)
-
-
-def echo_frame(seq: int, probs: np.ndarray, bits: np.ndarray) -> str:
-    """The ``echo`` frame's text (float32 probabilities, uint8 bits)."""
-    reply = {"type": "echo", "seq": seq, "probabilities": probs, "bits": bits}
-    return orjson.dumps(reply, option=_NUMPY).decode()
 
 
 def pack_reply(seq: int, probs: np.ndarray, bits: np.ndarray) -> bytes:
@@ -35,9 +28,9 @@ def reply_seq(packed: bytes) -> int:
     return int.from_bytes(packed[:_SEQ], "little")
 
 
-def unpack_frame(packed: bytes) -> str:
-    """The ``echo`` frame a packed reply was made from, byte for byte."""
+def unpack_reply(packed: bytes) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(seq, probabilities, bits)`` of a packed reply (views of ``packed``)."""
     n = (len(packed) - _SEQ) // 5
     probs = np.frombuffer(packed, np.float32, n, _SEQ)
     bits = np.frombuffer(packed, np.uint8, n, _SEQ + 4 * n)
-    return echo_frame(reply_seq(packed), probs, bits)
+    return reply_seq(packed), probs, bits

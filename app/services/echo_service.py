@@ -274,6 +274,10 @@ class EchoService:
             if not (await self.durable.commit([step]))[0]:
                 raise LeaseLost()
 
+    def echo_step(self, session: Session) -> int:
+        """How many steps late the model of ``session`` echoes its input."""
+        return self.lanes[session.version].model.echo_step
+
     def toucher(self, session: Session) -> Callable[[Session], None]:
         """What the connection calls on each of ``session``'s messages (O(1): the idle clock)."""
         store = self.lanes[session.version].store

@@ -213,6 +213,28 @@ class SessionStore:
     def reset(self, session: Session) -> None:
         self.states[session.slot] = self.initial
 
+    # The states, for the batcher: it asks for them and hands new ones back, and never holds or
+    # writes the matrix itself (this class is their one owner).
+
+    def gather(self, slots: np.ndarray) -> np.ndarray:
+        """The states of ``slots``, as a new array (safe to read on another thread)."""
+        return self.states[slots]
+
+    def scatter(self, slots: np.ndarray, states: np.ndarray) -> None:
+        """Set the states of ``slots`` (each slot at most once)."""
+        self.states[slots] = states
+
+    def state_of(self, slot: int) -> np.ndarray:
+        """A copy of one slot's state (to put back with :meth:`restore`)."""
+        return self.states[slot].copy()
+
+    def restore(self, slot: int, state: np.ndarray) -> None:
+        self.states[slot] = state
+
+    def state_bytes(self, slot: int) -> bytes:
+        """One slot's state as float32 bytes (what the Redis store keeps)."""
+        return self.states[slot].tobytes()
+
     def evict_expired(self) -> int:
         """Drop detached sessions idle for longer than ``ttl_s``; returns how many."""
         expired = 0
