@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 from starlette.requests import HTTPConnection
 
 from app.core.config import Settings
-from app.services.errors import NotReady
+from app.core.errors import NotReady
 
 if TYPE_CHECKING:
     from app.services.digit_service import DigitService

@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from app.services.errors import NotFound
+from app.core.errors import NotFound
 
 
 class StubModels:

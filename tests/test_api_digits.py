@@ -30,9 +30,9 @@ from app.api.digits import router as digits_router
 from app.api.errors import install_error_handlers
 from app.api.v2_fast import V2InferRoute
 from app.core.config import Settings
+from app.core.errors import ModelFailed
 from app.main import create_app
 from app.schemas.digits import DigitBatchPrediction, DigitPrediction
-from app.services.errors import ModelFailed
 from app.state import AppState, Lifecycle
 from tests.live_server import LiveServer, wait_until
 from tests.metrics import label_sets, sample_value

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from app.core.errors import DeadlineExceeded, GoingAway, ModelFailed
 from app.services.batching import AGAIN, Batcher, BatchMetrics
-from app.services.errors import DeadlineExceeded, GoingAway, ModelFailed
 
 Item = tuple[str, int]  # (tag, rows)
 

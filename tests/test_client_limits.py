@@ -7,9 +7,9 @@ import pytest
 
 from app.api.errors import close_code
 from app.core.addresses import network_key
+from app.core.errors import NotFound, Overloaded
 from app.services.client_limits import ClientLimits, client_key
 from app.services.echo_sessions import SessionStore
-from app.services.errors import NotFound, Overloaded
 
 
 class Clock:

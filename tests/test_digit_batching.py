@@ -24,8 +24,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from app.core.config import Settings
+from app.core.errors import DeadlineExceeded, ModelFailed, NotReady
 from app.services.digit_service import DigitService
-from app.services.errors import DeadlineExceeded, ModelFailed, NotReady
 from app.services.models import DigitModel
 from modelspec import contract
 from modelspec.digits import scale_pixels

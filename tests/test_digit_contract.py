@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.api.digit_json import _fast_parse, parse_json_images
+from app.core.errors import ServiceError
 from app.schemas.digits import SCALE_MAX, SCALE_MIN, parse_request
-from app.services.errors import ServiceError
 
 MAX_IMAGES = 4
 BAD_VALUES = st.sampled_from(["0", None, True, False, {"v": 1}, [0], -1, 256, 1e300, 2.5])

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from app.core.config import Settings
+from app.core.errors import DeadlineExceeded, ModelFailed
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import SessionStore
-from app.services.errors import DeadlineExceeded, ModelFailed
 from app.services.models import EchoModel
 from modelspec import contract
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from app.api.errors import ERROR_MAP, close_code, http_status, service_error_response
-from app.services import errors as svc
+from app.core import errors as svc
 
 
 @pytest.mark.parametrize(("cls", "status", "code"), ERROR_MAP)

@@ -30,11 +30,11 @@ from app.api.digits import router as digits_router
 from app.api.errors import install_error_handlers
 from app.api.v2_fast import V2InferRoute
 from app.api.v2_request import parse_infer
+from app.core import errors as svc
 from app.core.config import Settings
 from app.schemas.digits import DigitRequest, parse_request
 from app.schemas.json_budget import BYTES_PER_NODE, FREE_BYTES, check_json_budget
 from app.schemas.v2 import InferRequest
-from app.services import errors as svc
 from app.services import tensor_codec as codec
 from app.state import AppState, Lifecycle
 from tests.live_server import LiveServer

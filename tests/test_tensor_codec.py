@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from app.api.digit_json import parse_json_images
 from app.api.v2 import PROTOCOL_STATUS, v2_error
 from app.api.v2_request import parse_infer, render_infer, wanted_outputs
-from app.services import errors as svc
+from app.core import errors as svc
 from app.services import tensor_codec as codec
 
 MAX = 4 * 1024 * 1024

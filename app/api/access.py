@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import close_code, close_reason, service_error_response
 from app.core.config import Settings
-from app.services.errors import Forbidden, ServiceError, Unauthorized
+from app.core.errors import Forbidden, ServiceError, Unauthorized
 
 PUBLIC_PATHS = frozenset(
     {

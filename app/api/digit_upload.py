@@ -9,7 +9,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from app.services.errors import InvalidInput, Malformed
+from app.core.errors import InvalidInput, Malformed
 from app.state import app_state
 
 log = logging.getLogger(__name__)

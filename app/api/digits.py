@@ -21,9 +21,9 @@ from app.api.digit_json import (
     requested_version,
 )
 from app.api.digit_upload import read_upload
+from app.core.errors import UnsupportedMedia
 from app.schemas.common import ErrorResponse
 from app.schemas.digits import DigitBatchPrediction, DigitPrediction, openapi_request_body
-from app.services.errors import UnsupportedMedia
 from app.state import app_state
 
 router = APIRouter(tags=["digits"])

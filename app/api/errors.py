@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.api.responses import OrjsonResponse
-from app.services import errors as svc
+from app.core import errors as svc
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.responses import OrjsonResponse
+from app.core.errors import NotReady
 from app.schemas.common import HealthResponse, ModelsResponse
-from app.services.errors import NotReady
 from app.state import app_state
 
 router = APIRouter(tags=["operations"])

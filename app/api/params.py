@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from app.services.errors import InvalidInput
+from app.core.errors import InvalidInput
 
 MAX_VERSION = 999_999_999
 MAX_SEQ = 2**63 - 1

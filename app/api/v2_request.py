@@ -16,10 +16,10 @@ import orjson
 from pydantic import ValidationError
 
 from app.api.params import parse_uint
+from app.core.errors import InvalidInput, clip
 from app.schemas.json_budget import check_json_budget
 from app.schemas.v2 import InferRequest
 from app.services import tensor_codec
-from app.services.errors import InvalidInput, clip
 
 HEADER_LENGTH = "inference-header-content-length"
 

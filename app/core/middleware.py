@@ -16,9 +16,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.edge import EDGE_STATUS
+from app.core.errors import TooLarge
 from app.core.logging import AccessLog
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from app.services.errors import TooLarge
 
 ROUTE_PATH = "route_path"  # scope key: the path template a raw-ASGI route answers for
 CLIENT_CLOSED = 499

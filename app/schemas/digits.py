@@ -24,9 +24,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from app.core.errors import InvalidInput, TooLarge, clip
 from app.schemas.common import ModelRef
 from app.schemas.json_budget import check_json_budget
-from app.services.errors import InvalidInput, TooLarge, clip
 
 IMAGE_SIZE = 28
 PIXELS = IMAGE_SIZE * IMAGE_SIZE

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.services.errors import InvalidInput
+from app.core.errors import InvalidInput
 
 FREE_BYTES = 64 * 1024  # smaller bodies are cheap whatever their shape (≤ ~2 MB of objects)
 BYTES_PER_NODE = 16

@@ -12,11 +12,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.schemas.digits import EXAMPLE_IMAGE
-from app.services.tensor_codec import MAX_DIMS
 
 Parameters = dict[str, Any]
 MAX_TENSORS = 64  # inputs or outputs in one request (mnist_lstm has 1 and 2)
 MAX_PARAMETERS = 64  # keys of one parameters object
+
+MAX_DIMS = 8  # dimensions of one tensor (the digit model takes 3; app.services.tensor_codec)
 
 
 class V2Error(BaseModel):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.core.addresses import client_key
-from app.services.errors import Overloaded
+from app.core.errors import Overloaded
 
 __all__ = ["ClientLimits", "client_key"]
 

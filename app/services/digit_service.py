@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from app.core.config import Settings
+from app.core.errors import ModelFailed, NotReady
 from app.services.batching import Batcher, BatchMetrics
-from app.services.errors import ModelFailed, NotReady
 from app.services.models import DigitModel
 
 log = logging.getLogger(__name__)

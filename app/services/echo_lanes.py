@@ -14,10 +14,10 @@ import logging
 import os
 
 from app.core.config import Settings
+from app.core.errors import GoingAway
 from app.services.batching import Batcher, BatchMetrics
 from app.services.echo_batching import Echoed, EchoSteps, Message
 from app.services.echo_sessions import Session, SessionStore
-from app.services.errors import GoingAway
 from app.services.models import EchoModel
 from app.services.redis_sessions import RedisSessions
 

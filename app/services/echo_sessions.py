@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from app.core.errors import Conflict, Forbidden, InvalidInput, NotFound, Overloaded
 from app.core.metrics import ECHO_ACTIVE_SESSIONS, ECHO_SESSIONS_EVICTED, ECHO_STORED_SESSIONS
 from app.services.echo_replies import reply_seq
-from app.services.errors import Conflict, Forbidden, InvalidInput, NotFound, Overloaded
 
 log = logging.getLogger(__name__)
 

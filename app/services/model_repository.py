@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import Settings
+from app.core.errors import NotFound, NotReady
 from app.core.metrics import MODEL_VERSION_EVENTS
 from app.services.digit_service import DigitService
 from app.services.echo_service import EchoService
-from app.services.errors import NotFound, NotReady
 from app.services.models import DigitModel, EchoModel, ServedModel, compute_device, read_metadata
 from app.services.version_policy import VersionPolicy
 from modelspec.contract import (

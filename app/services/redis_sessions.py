@@ -30,9 +30,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from app.core.config import Settings
+from app.core.errors import Conflict, Forbidden, NotFound, Overloaded
 from app.core.metrics import ECHO_STORE_ERRORS, ECHO_STORE_SECONDS
 from app.services.echo_replies import reply_seq
-from app.services.errors import Conflict, Forbidden, NotFound, Overloaded
 
 log = logging.getLogger(__name__)
 

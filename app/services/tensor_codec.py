@@ -4,7 +4,7 @@ A v2 tensor is a name, a ``datatype`` (``FP32``, ``UINT8`` …), a ``shape`` and
 either as JSON ``data`` (flat or nested, row-major) or as raw little-endian bytes (the binary
 tensor data extension). Decoding checks the shape before allocating anything and the element
 count against the data; :func:`digit_images` then turns a tensor into what the digit model takes.
-Errors are the domain errors of :mod:`app.services.errors` (the API maps them to statuses).
+Errors are the domain errors of :mod:`app.core.errors` (the API maps them to statuses).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from app.services.errors import InvalidInput, TooLarge, clip
+from app.core.errors import InvalidInput, TooLarge, clip
+from app.schemas.v2 import MAX_DIMS
 from modelspec.contract import IMAGE_SIZE
 
 # v2 datatype → little-endian NumPy dtype (BYTES, strings, is not a numeric tensor: not served).
@@ -49,7 +50,6 @@ def datatype_of(array: np.ndarray) -> str:
         raise InvalidInput(f"no v2 datatype for NumPy dtype {array.dtype}") from None
 
 
-MAX_DIMS = 8  # dimensions of one tensor: the digit model takes 3
 MAX_DIM = 2**31 - 1  # one dimension's size (Triton's int32 sizes): products stay small numbers
 
 

@@ -19,7 +19,7 @@ from contextlib import suppress
 
 import numpy as np
 
-from app.services.errors import InvalidInput, Overloaded, TooLarge, UnsupportedMedia
+from app.core.errors import InvalidInput, Overloaded, TooLarge, UnsupportedMedia
 from modelspec.imaging import ImageError, preprocess_digit
 
 log = logging.getLogger(__name__)

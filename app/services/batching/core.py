@@ -44,9 +44,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from app.core.errors import DeadlineExceeded, GoingAway, ModelFailed
 from app.core.metrics import BATCH_SIZE, COMPUTE_TIME, INFERENCE_CALLS, QUEUE_WAIT
 from app.services.batching.policy import IdleWaitPolicy, InlinePolicy
-from app.services.errors import DeadlineExceeded, GoingAway, ModelFailed
 
 log = logging.getLogger(__name__)
 

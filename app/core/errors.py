@@ -1,8 +1,9 @@
-"""Domain errors raised by the services; ``app.api.errors`` maps them to HTTP and WebSocket.
+"""Domain errors, raised by every layer; ``app.api.errors`` maps them to HTTP and WebSocket.
 
-Services never know about HTTP statuses or close codes: they raise one of these with a stable
-``code`` (the ``"error"`` field clients see) and a readable ``detail``. The API layer owns the
-one table that turns each class into an HTTP status and a WebSocket close code.
+Services, schemas and the core never know about HTTP statuses or close codes: they raise one of
+these with a stable ``code`` (the ``"error"`` field clients see) and a readable ``detail``. The
+API layer owns the one table that turns each class into an HTTP status and a WebSocket close
+code. They live in ``app.core`` so that no layer imports upwards to raise them.
 """
 
 from __future__ import annotations
