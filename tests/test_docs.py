@@ -1,8 +1,8 @@
 """Every repository path the docs and the code's comments name exists (fast: no server, no model).
 
-Scanned: README.md and docs/*.md (plain and backticked tokens, and relative Markdown links); the
-comments and docstrings of the Python files under app/, training/, bench/, modelspec/, .ci/ and
-tests/; the whole text of the other files under deploy/ and .ci/, the Makefile, the Dockerfile and
+Scanned: README.md and docs/*.md (plain and backticked tokens, relative Markdown links and their
+anchors); the comments and docstrings of the Python files under app/, training/, bench/,
+modelspec/, .ci/, tools/ and tests/; the whole text of the other files under deploy/ and .ci/, the Makefile, the Dockerfile and
 compose*.yaml. A token is a repository path when it starts with one of the top-level folders below
 or is one of the top-level files; tokens with placeholders or globs (`<name>`, `*`, `{a,b}`, `…`)
 are skipped.
@@ -18,7 +18,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FOLDERS = ("app", "tests", "bench", "training", "modelspec", "docs", "deploy", "models", "examples")
+FOLDERS = (
+    "app",
+    "tests",
+    "bench",
+    "training",
+    "modelspec",
+    "docs",
+    "deploy",
+    "models",
+    "examples",
+    "tools",
+)
 TOP_FILES = (
     "Makefile",
     "Dockerfile",
@@ -51,7 +62,7 @@ def _markdown_files() -> list[Path]:
 
 def _python_files() -> list[Path]:
     files: list[Path] = []
-    for folder in ("app", "training", "bench", "modelspec", ".ci", "tests"):
+    for folder in ("app", "training", "bench", "modelspec", ".ci", "tests", "tools"):
         files += sorted((ROOT / folder).rglob("*.py"))
     return files
 
