@@ -2,10 +2,10 @@
 
 Scanned: README.md and docs/*.md (plain and backticked tokens, relative Markdown links and their
 anchors); the comments and docstrings of the Python files under app/, training/, bench/,
-modelspec/, .ci/, tools/ and tests/; the whole text of the other files under deploy/ and .ci/, the Makefile, the Dockerfile and
-compose*.yaml. A token is a repository path when it starts with one of the top-level folders below
-or is one of the top-level files; tokens with placeholders or globs (`<name>`, `*`, `{a,b}`, `…`)
-are skipped.
+modelspec/, .ci/, tools/ and tests/; the whole text of the other files under deploy/ and .ci/, the
+Makefile, the Dockerfile and compose*.yaml. A token is a repository path when it starts with one
+of the top-level folders below or is one of the top-level files; tokens with placeholders or globs
+(`<name>`, `*`, `{a,b}`, `…`) are skipped.
 """
 
 from __future__ import annotations
