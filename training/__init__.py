@@ -1,1 +1,1 @@
-"""Offline training scripts that export the served models (see README, "Training")."""
+"""Offline training scripts that export the served models (docs/models.md, "Training")."""

@@ -2,9 +2,9 @@
 
 FastAPI's per-request machinery (``Request``, dependency solving, exception wrapping, two exit
 stacks, the included-router dispatch) costs ~60 µs of event-loop CPU per request, a fifth of a
-one-image ``POST /predict/digit`` at 64 connections (``python -m bench.ab``, see the README's
-performance notes). A :class:`RawRoute` is an ordinary Starlette route, visible in the app's
-routing (no path-sniffing middleware), that takes only the requests :meth:`~RawRoute.accepts`
+one-image ``POST /predict/digit`` at 64 connections (``python -m bench.ab``; see
+docs/performance-notes.md). A :class:`RawRoute` is an ordinary Starlette route, visible in the
+app's routing (no path-sniffing middleware), that takes only the requests :meth:`~RawRoute.accepts`
 says it answers exactly as the documented route does; every other request goes on to that route.
 Removing it changes no answer: each subclass has a test comparing the two.
 

@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     echo_model_versions: str = Field(
         "specific:1",
         description="Which echo_rnn versions to serve (same forms). Shipped: version 1 only; "
-        "version 2 (3-layer LSTM) is as exact and costs more (README, Model cards).",
+        "version 2 (3-layer LSTM) is as exact and costs more (docs/models.md).",
     )
     digit_model_version: int | None = Field(
         None, description="Old pin: the same as DIGIT_MODEL_VERSIONS=specific:N."

@@ -3,7 +3,7 @@
 // By default the drawing is scaled in the page the way MNIST was made (crop to the ink, fit into
 // 20×20 by area averaging, centre by mass in 28×28) and sent as 784 JSON pixels; "PNG upload"
 // sends the canvas itself through the server's photo preprocessing instead. bench/page_digits.py
-// compared the two on real MNIST digits traced onto the canvas (see the README).
+// compared the two on real MNIST digits traced onto the canvas (docs/benchmark.md, Smaller measurements).
 import {
   $,
   askForKey,
