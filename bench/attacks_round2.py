@@ -6,10 +6,10 @@
 Every row starts from a server (``python -m app``, the service's defaults: none of the limits
 that ``bench.server`` lifts for the load generator) on 127.0.0.1; rows that leave state behind
 (leaked sessions, held connections, memory kept after a flood) get a fresh one. While the attack
-runs from 127.0.0.3 and up, a well-behaved client on 127.0.0.2 asks ``GET /livez`` on a new
-connection every ~10 ms (its longest and p99 wait), and a sampler reads the server's VmRSS
-(/proc/<pid>/status) and the kernel's TCP memory (/proc/net/sockstat ``TCP: ... mem`` pages)
-every ~50 ms. Rows (``--only``):
+runs from 127.0.0.3 and up, a well-behaved client on 127.0.0.2 (a process of its own) asks
+``GET /livez`` on a new connection every ~10 ms (its longest and p99 wait), and a sampler reads
+the server's VmRSS (/proc/<pid>/status) and the kernel's TCP memory (/proc/net/sockstat
+``TCP: ... mem`` pages) every ~50 ms. Rows (``--only``):
 
 * ``echo_resume``: 20 addresses each open 500 sessions, drop them, and resume every one with
   ``last_seq=²`` (odd addresses: ``①``). Afterwards: can 127.0.0.2 open a new session, and can
@@ -19,8 +19,8 @@ every ~50 ms. Rows (``--only``):
 * ``v2_inputs``: v2 infer ``{"inputs": [{}] * 1.3M}`` (3.7 MiB).
 * ``digit_strings``: ``/predict/digit`` ``{"image": ["a"] * 1M}`` (3.8 MiB).
 * ``pipeline_openapi`` / ``pipeline_livez``: 200 connections each pipeline 2,000 ``GET`` of the
-  path and never read; held 15 s, then closed. The livez one also runs an echo client on
-  127.0.0.2 (a 1-bit message every 20 ms) and reports its p99.
+  path and never read; held ``--hold`` (20) s, then closed. The livez one also runs an echo
+  client on 127.0.0.2 (a 1-bit message every 20 ms) and reports its p99.
 * ``bad_version``: ``?version=²`` and ``/versions/①`` on every route that takes a version.
 * ``conn_caps``: WebSocket connections held from 127.0.0.3, .4, ... (the next /24 once an
   address of a /24 gets none) until a fresh address of a fresh /24 gets none too or the bounds
@@ -142,7 +142,7 @@ def livez(port: int, source: str, timeout: float = 5.0) -> int:
         return 0
 
 
-class Victim(threading.Thread):
+class VictimLoop(threading.Thread):
     """A well-behaved client: ``GET /livez`` every ``interval`` from ``source``."""
 
     def __init__(self, port: int, source: str = VICTIM, interval: float = 0.01) -> None:
@@ -170,6 +170,40 @@ class Victim(threading.Thread):
             "p99_ms": round(pct(waits, 0.99) * 1000, 1) if waits else None,
             "statuses": dict(statuses),
         }
+
+
+class Victim:
+    """``VictimLoop`` in a process of its own (``--victim PORT,SOURCE,INTERVAL``), so that the
+    attacking client's work in this one (thousands of handshakes) never delays it."""
+
+    def __init__(self, port: int, source: str = VICTIM, interval: float = 0.01) -> None:
+        self.cmd = [sys.executable, "-m", "bench.attacks_round2"]
+        self.cmd += ["--victim", f"{port},{source},{interval}"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=srv.REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()  # "ready": its first /livez is answered
+
+    def stop(self) -> dict[str, Any]:
+        assert self.proc is not None
+        out, _ = self.proc.communicate(b"", timeout=90)  # end of stdin: stop and report
+        return json.loads(out)
+
+
+def victim_main(spec: str) -> int:
+    port, source, interval = spec.split(",")
+    loop = VictimLoop(int(port), source, float(interval))
+    loop.start()
+    while not loop.waits:
+        time.sleep(0.005)
+    print("ready", flush=True)
+    sys.stdin.read()
+    print(json.dumps(loop.stop()), flush=True)
+    return 0
 
 
 class EchoVictim(threading.Thread):
@@ -286,10 +320,14 @@ def verdict(row: Row, result: dict[str, Any]) -> None:
         why.append(f"the attack broke: {result['error']}")
     if not result["server_alive"]:
         why.append("the server died")
-    for answer in result.get("answers", []):
-        if not answer.get("clean"):
-            why.append(f"{answer['what']}: {answer['outcome']}")
-        elif answer.get("seconds") is not None and answer["seconds"] > ANSWER_S:
+    answers = result.get("answers", [])
+    unclean = [a for a in answers if not a.get("clean")]
+    if len(unclean) == 1:
+        why.append(f"{unclean[0]['what']}: {unclean[0]['outcome']}")
+    elif unclean:
+        why.append(f"{len(unclean)} of {len(answers)} answers: {summarize(unclean)}")
+    for answer in answers:
+        if answer.get("seconds") is not None and answer["seconds"] > ANSWER_S:
             why.append(f"{answer['what']}: answered after {answer['seconds']} s")
     growth = result["rss_mb"]["peak"] - result["rss_mb"]["before"]
     result["rss_growth_mb"] = growth
@@ -347,7 +385,8 @@ def http_exchange(port: int, source: str, request: bytes, timeout: float = 30.0)
         code = body[:60].decode(errors="replace")
     return {
         "status": status,
-        "outcome": f"{status} {code}"[:80].strip() if status else "no answer",
+        "outcome": f"{status} {code.split(':')[0]}"[:80].strip() if status else "no answer",
+        "detail": code[:200],
         "seconds": round(done - sent, 3),
         "send_s": round(sent - t0, 3),
     }
@@ -521,9 +560,12 @@ async def _echo_resume(url: str, addresses: int, each: int, deadline_s: float) -
 # Pipelining clients that never read.
 
 
-def pipeline(path: str, conns: int = 200, each: int = 2000, hold_s: float = 15.0) -> Any:
+HOLD_S = [20.0]  # --hold
+
+
+def pipeline(path: str, conns: int = 200, each: int = 2000) -> Any:
     def run(port: int, result: dict[str, Any]) -> None:
-        result.update(asyncio.run(_pipeline(port, path, conns, each, hold_s)))
+        result.update(asyncio.run(_pipeline(port, path, conns, each, HOLD_S[0])))
 
     return run
 
@@ -727,33 +769,47 @@ def log(message: str) -> None:
     print(f"[attacks_round2 {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run_config(name: str, env: dict[str, str], app: str | None, cwd: Path, rows: list[str],
-               tmp: Path) -> list[dict[str, Any]]:  # fmt: skip
+def run_all(configs: list[tuple[str, dict[str, str], str | None, Path]], rows: list[str],
+            tmp: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Row by row, each configuration in turn (a shared machine's drifts hit all alike)."""
     results = []
-    shared: srv.Server | None = None
+    shared: dict[str, srv.Server] = {}
     try:
         for row_name in rows:
             row = ROWS[row_name]
-            if row.fresh or shared is None:
-                server = srv.start(env, tmp / f"{name}-{row_name}.log", cwd=cwd, app=app,
-                                   bench=False)  # fmt: skip
-                if not row.fresh:
-                    shared = server
-            else:
-                server = shared
-            log(f"{name}: {row_name} (server pid {server.pid}, port {server.port})")
-            try:
-                result = measure(server, row)
-            finally:
-                if row.fresh:
-                    srv.stop(server)
-            result["config"] = name
-            results.append(result)
-            log(f"{name}: {row_name}: {'PASS' if result['pass'] else 'FAIL'} {result['why']}")
+            for name, env, app, cwd in configs:
+                if row.fresh or name not in shared:
+                    server = srv.start(env, tmp / f"{name}-{row_name}.log", cwd=cwd, app=app,
+                                       bench=False)  # fmt: skip
+                    if not row.fresh:
+                        shared[name] = server
+                else:
+                    server = shared[name]
+                log(f"{name}: {row_name} (server pid {server.pid}, port {server.port})")
+                try:
+                    result = measure(server, row)
+                finally:
+                    if row.fresh:
+                        srv.stop(server)
+                result["config"] = name
+                results.append(result)
+                verdict_text = "PASS" if result["pass"] else f"FAIL {result['why']}"
+                log(f"{name}: {row_name}: {verdict_text}")
     finally:
-        if shared is not None:
-            srv.stop(shared)
+        for server in shared.values():
+            srv.stop(server)
     return results
+
+
+def summarize(answers: list[dict[str, Any]]) -> str:
+    """Answers' outcomes, each with how many got it (an echo row's are counts already)."""
+    counts: Counter[str] = Counter()
+    for a in answers:
+        if isinstance(a["outcome"], dict):
+            counts.update({f"close {k.strip()}": v for k, v in a["outcome"].items()})
+        else:
+            counts[str(a["outcome"])] += 1
+    return ", ".join(f"{k} x{v:,}" if v > 1 else k for k, v in counts.items())
 
 
 def table(results: list[dict[str, Any]]) -> list[str]:
@@ -764,10 +820,7 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     ]
     for r in results:
         answers = r.get("answers", [])
-        outcome = "; ".join(
-            f"{a['what']}: {a['outcome']}" if len(answers) > 1 else str(a["outcome"])
-            for a in answers
-        )
+        outcome = summarize(answers)
         secs = max((a["seconds"] for a in answers if a.get("seconds") is not None), default=None)
         rss, tcp, v = r["rss_mb"], r["tcp_mem_mib"], r["victim_livez"]
         other = {
@@ -807,7 +860,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", choices=list(ROWS), help="one row (repeatable)")
     ap.add_argument("--config", action="append", help="NAME=K=V,... ; cwd=DIR another checkout")
     ap.add_argument("--out", type=Path, default=srv.REPO / "bench" / "results")
+    ap.add_argument("--hold", type=float, default=20.0, help="pipelining rows: seconds held")
+    ap.add_argument("--victim", help=argparse.SUPPRESS)  # PORT,SOURCE,INTERVAL: Victim's process
     args = ap.parse_args(argv)
+    if args.victim:
+        return victim_main(args.victim)
+    HOLD_S[0] = args.hold
     rows = args.only or list(ROWS)
     configs = [parse_config(c) for c in args.config or ["current="]]
     build_bodies()
@@ -824,9 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": os.getloadavg(),
         "logs": str(tmp),
     }
-    results = []
-    for name, env, app, cwd in configs:
-        results += run_config(name, env, app, cwd, rows, tmp)
+    results = run_all(configs, rows, tmp)
     meta["loadavg_after"] = os.getloadavg()
     meta["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
