@@ -323,7 +323,7 @@ def verdict(row: Row, result: dict[str, Any]) -> None:
     answers = result.get("answers", [])
     unclean = [a for a in answers if not a.get("clean")]
     if len(unclean) == 1:
-        why.append(f"{unclean[0]['what']}: {unclean[0]['outcome']}")
+        why.append(f"{unclean[0]['what']}: {summarize(unclean)}")
     elif unclean:
         why.append(f"{len(unclean)} of {len(answers)} answers: {summarize(unclean)}")
     for answer in answers:
@@ -901,6 +901,9 @@ def main(argv: list[str] | None = None) -> int:
         f" s; RSS growth <= {RSS_GROWTH_MB:g} MB (pipelining: < {PIPELINE_RSS_GROWTH_MB:g}); the "
         f"victim's /livez (127.0.0.2, every 10 ms) never waits over {VICTIM_MAX_S * 1000:g} ms; "
         "no session left attached; a client from another /24 served under full connection caps.",
+        "TCP memory is the kernel's for all loopback sockets (both ends); *5 s after* is 5 s after "
+        "the attack ended (pipelining: after its connections were dropped; `tcp_mem_mib_held` is "
+        "while they were held unread). RSS *after*: 6 s after the attack.",
         "",
         *table(results),
     ]
