@@ -18,9 +18,10 @@ the server's VmRSS (/proc/<pid>/status) and the kernel's TCP memory (/proc/net/s
 * ``v2_shape``: v2 infer whose input shape has 400,000 dimensions (0.76 MiB).
 * ``v2_inputs``: v2 infer ``{"inputs": [{}] * 1.3M}`` (3.7 MiB).
 * ``digit_strings``: ``/predict/digit`` ``{"image": ["a"] * 1M}`` (3.8 MiB).
-* ``pipeline_openapi`` / ``pipeline_livez``: 200 connections each pipeline 2,000 ``GET`` of the
-  path and never read; held ``--hold`` (20) s, then closed. The livez one also runs an echo
-  client on 127.0.0.2 (a 1-bit message every 20 ms) and reports its p99.
+* ``pipeline_openapi`` / ``pipeline_livez``: 200 connections (from 127.0.1.3, 127.0.2.3, ...: 50
+  an address, off the victim's /24) each pipeline 2,000 ``GET`` of the path and never read; held
+  ``--hold`` (20) s, then closed. The livez one also runs an echo client on 127.0.0.2 (a 1-bit
+  message every 20 ms) and reports its p99.
 * ``bad_version``: ``?version=²`` and ``/versions/①`` on every route that takes a version.
 * ``conn_caps``: WebSocket connections held from 127.0.0.3, .4, ... (the next /24 once an
   address of a /24 gets none) until a fresh address of a fresh /24 gets none too or the bounds
@@ -579,7 +580,9 @@ async def _pipeline(port: int, path: str, conns: int, each: int, hold_s: float) 
     async def one(i: int) -> None:
         sock = socket.socket()
         sock.setblocking(False)
-        sock.bind((attacker(i // 50), 0))  # 50 an address: under the per-address cap
+        # 50 an address (under the per-address cap), each address in a /24 of its own: none
+        # shares the victim's 127.0.0.0/24 (a per-network cap would refuse the victim, not them)
+        sock.bind((f"127.0.{1 + i // 50}.3", 0))
         socks.append(sock)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 5)
@@ -635,7 +638,8 @@ def conn_caps(port: int, result: dict[str, Any]) -> None:
 
 
 async def _hold(port: int, source: str, socks: list[socket.socket]) -> str:
-    """A WebSocket upgrade from ``source``, kept open: "held", or what refused it."""
+    """A WebSocket upgrade from ``source``, kept open: "held" (upgraded and its first frame is
+    not a close: the session frame), or what refused it (a status line, ``ws close CODE``)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setblocking(False)
@@ -643,24 +647,29 @@ async def _hold(port: int, source: str, socks: list[socket.socket]) -> str:
         sock.bind((source, 0))
         await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 5)
         await loop.sock_sendall(sock, UPGRADE)
-        head = b""
-        while b"\r\n\r\n" not in head:
+        data = b""
+        while b"\r\n\r\n" not in data or (data.startswith(b"HTTP/1.1 101") and
+                                             len(data.partition(b"\r\n\r\n")[2]) < 4):  # fmt: skip
             chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
             if not chunk:
                 break
-            head += chunk
+            data += chunk
     except (TimeoutError, OSError) as exc:
         sock.close()
         return f"error {type(exc).__name__}"
-    if head.startswith(b"HTTP/1.1 101"):
+    head, _, frame = data.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 101") and len(frame) >= 2 and frame[0] & 0x0F != 0x8:
         socks.append(sock)
         return "held"
     sock.close()
+    if head.startswith(b"HTTP/1.1 101"):
+        code = int.from_bytes(frame[2:4], "big") if len(frame) >= 4 else 1006
+        return f"ws close {code}"
     return head.split(b"\r\n", 1)[0].decode(errors="replace")[9:] or "closed"
 
 
 async def _conn_caps(
-    port: int, per_address: int = 300, addresses: int = 120, most: int = 12_000, limit_s=60.0
+    port: int, per_address: int = 300, addresses: int = 250, most: int = 15_000, limit_s=90.0
 ) -> dict[str, Any]:
     socks: list[socket.socket] = []
     refused: Counter[str] = Counter()

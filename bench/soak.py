@@ -277,7 +277,7 @@ async def attack_pipeline(soak: Soak) -> None:
         for _ in range(20):
             sock = socket.socket()
             sock.setblocking(False)
-            sock.bind(("127.0.0.11", 0))
+            sock.bind(("127.0.1.11", 0))  # off the well-behaved client's /24
             socks.append(sock)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", soak.port)), 5)
