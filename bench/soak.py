@@ -9,10 +9,16 @@ The server is ``python -m app`` with small idle/send timeouts, so each attack cy
    its own address, while the well-behaved client (127.0.0.2) streams random bits and checks
    every reply (sequence numbers and the echo itself): nothing may be lost.
 
+The round-2 attacks of issue #21 (``bench/attacks_round2.py`` runs each at full size) loop here
+at a modest rate: resumes with ``last_seq=²`` (the session must stay resumable), huge JSON bodies
+and non-ASCII versions (each a 4xx), 20 never-reading pipeliners. Holding every connection of a
+/24 is not among them: the well-behaved client shares 127.0.0.0/24 with the attackers.
+
 The server's RSS and open file descriptors are sampled every second. *Flat* means: after the
 warm-up (the first 10 % of phase 2, at least 10 s), the median of the last quarter of samples is
 at most 10 % + 20 MB (RSS) or 10 % + 20 (fds) above the median of the first quarter. The run
-fails (exit 1) when a reply is lost or wrong, the victim is refused, or RSS/fds are not flat.
+fails (exit 1) when a reply is lost or wrong, the victim is refused, RSS/fds are not flat, or a
+round-2 attack is not refused cleanly (``round2_unclean``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -37,7 +44,23 @@ from websockets.exceptions import ConnectionClosed
 
 from app.core.config import Settings
 from bench import server as srv
-from bench.attacks import NeverReader, Refused, churn, closed_reason, hoard, open_session
+from bench.attacks import (
+    NeverReader,
+    Refused,
+    churn,
+    closed_reason,
+    hoard,
+    open_session,
+    resume_url,
+)
+from bench.attacks_round2 import (
+    MODEL,
+    digit_strings_body,
+    get,
+    post,
+    v2_inputs_body,
+    v2_shape_body,
+)
 
 VICTIM = "127.0.0.2"
 # The service's own per-client and connection limits (the benchmark's server helper lifts them),
@@ -170,12 +193,118 @@ async def attack_bad_json(soak: Soak) -> None:
             await ws.close()
 
 
+# --- issue #21 round 2 (bench/attacks_round2.py has each at full size): a modest rate here ------
+
+
+async def attack_resume_last_seq(soak: Soak) -> None:
+    """Resume a dropped session with ``last_seq=²`` / ``①``, five times a second: each must be
+    refused without leaving the session attached (a valid resume right after must work)."""
+    i = 0
+    while not soak.stop.is_set():
+        i += 1
+        try:
+            ws, frame = await open_session(soak.url, "127.0.0.8")
+            await ws.close()
+        except Refused:
+            await asyncio.sleep(0.5)
+            continue
+        digit = ("%C2%B2", "%E2%91%A0")[i % 2]
+        try:
+            ws, _ = await open_session(
+                f"{resume_url(soak.url, frame)}&last_seq={digit}", "127.0.0.8"
+            )
+            await ws.close()
+            soak.counts["resume_last_seq_admitted"] += 1
+        except Refused as exc:
+            soak.counts[f"resume_last_seq_closed_{exc.code}"] += 1
+        try:
+            ws, again = await open_session(resume_url(soak.url, frame), "127.0.0.9")
+            await ws.close()
+            soak.counts["resume_last_seq_then_resumed"] += bool(again.get("resumed"))
+        except Refused as exc:
+            soak.counts[f"resume_last_seq_then_{exc.error}"] += 1
+        await asyncio.sleep(0.2)
+
+
+def _exchange(port: int, source: str, request: bytes) -> int:
+    """The status of one request sent whole from ``source`` (0: no answer in 60 s)."""
+    with socket.create_connection(("127.0.0.1", port), 60, source_address=(source, 0)) as sock:
+        sock.sendall(request)
+        data = b""
+        try:
+            while b"\r\n" not in data and (chunk := sock.recv(4096)):
+                data += chunk
+        except OSError:
+            pass
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+
+
+async def attack_huge_json(soak: Soak) -> None:
+    """One body every 3 s, in turn: a v2 shape of 400,000 dimensions, 1.3M empty v2 inputs, a
+    digit image of 1M strings; and every 0.2 s a version of non-ASCII digits."""
+    bodies = [
+        post(f"/v2/models/{MODEL}/infer", v2_shape_body()),
+        post(f"/v2/models/{MODEL}/infer", v2_inputs_body()),
+        post("/predict/digit", digit_strings_body()),
+    ]
+    versions = [
+        get(f"/v2/models/{MODEL}/versions/%E2%91%A0"),
+        post("/predict/digit?version=%C2%B2", b'{"pixels": [[0]]}'),
+    ]
+    names = ["v2_shape", "v2_inputs", "digit_strings"]
+    i = turn = 0
+    while not soak.stop.is_set():
+        name, body = names[turn % 3], bodies[turn % 3]
+        turn += 1
+        status = await asyncio.to_thread(_exchange, soak.port, "127.0.0.10", body)
+        soak.counts[f"huge_{name}_{status}"] += 1
+        for _ in range(15):
+            if soak.stop.is_set():
+                return
+            status = await asyncio.to_thread(_exchange, soak.port, "127.0.0.10", versions[i % 2])
+            soak.counts[f"bad_version_{status}"] += 1
+            i += 1
+            await asyncio.sleep(0.2)
+
+
+async def attack_pipeline(soak: Soak) -> None:
+    """20 connections each pipeline 2,000 ``GET /livez`` and never read; held 10 s, dropped,
+    again every 15 s (a tenth of the issue's 200)."""
+    loop = asyncio.get_running_loop()
+    request = b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n" * 2000
+    while not soak.stop.is_set():
+        socks = []
+        for _ in range(20):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.bind(("127.0.1.11", 0))  # off the well-behaved client's /24
+            socks.append(sock)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", soak.port)), 5)
+                await asyncio.wait_for(loop.sock_sendall(sock, request), 5)
+                soak.counts["pipeline_sent"] += 1
+            except (TimeoutError, OSError):
+                soak.counts["pipeline_refused_or_stalled"] += 1
+        try:
+            await asyncio.wait_for(soak.stop.wait(), 10)
+        except TimeoutError:
+            pass
+        finally:
+            for sock in socks:
+                sock.close()
+        if not soak.stop.is_set():
+            await asyncio.sleep(5)
+
+
 ATTACKS: dict[str, Callable[[Soak], Awaitable[None]]] = {
     "churn": attack_churn,
     "hoard": attack_hoard,
     "never_read": attack_never_read,
     "oversized": attack_oversized,
     "bad_json": attack_bad_json,
+    "resume_last_seq": attack_resume_last_seq,
+    "huge_json": attack_huge_json,
+    "pipeline": attack_pipeline,
 }
 
 
@@ -327,6 +456,24 @@ def log(message: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def round2_unclean(counts: dict[str, int]) -> dict[str, int]:
+    """The round-2 attacks' outcomes that are not a clean refusal: a 5xx or no answer to a huge
+    body or a bad version, an admitted or uncleanly closed resume, a session left attached."""
+    unclean_resumes = {
+        "resume_last_seq_admitted",
+        "resume_last_seq_closed_1006",
+        "resume_last_seq_closed_1011",
+        "resume_last_seq_then_session_in_use",
+    }
+    bad = {}
+    for key, n in counts.items():
+        answered = key.rsplit("_", 1)[-1]
+        huge_or_version = key.startswith(("huge_", "bad_version_"))
+        if (huge_or_version and not answered.startswith("4")) or key in unclean_resumes:
+            bad[key] = n
+    return bad
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_s = float(os.environ.get("SOAK_SECONDS", 1800))
@@ -346,13 +493,15 @@ def main() -> int:
     finally:
         srv.stop(server)
     result["settings"] = {"seconds": args.seconds, "churn": args.churn, "server_env": env}
+    result["round2_unclean"] = round2_unclean(result["attacks"])
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
     good, goal, flat = result["well_behaved"], result["goal"], result["server"]
     ok = (
-        good["lost"] == 0
+        not result["round2_unclean"]
+        and good["lost"] == 0
         and good["wrong"] == 0
         and (good["messages"] > 0 or args.seconds <= 0)
         and not goal["victim_refused"]
