@@ -33,11 +33,17 @@ from app.api.echo_frames import (
 )
 from app.api.errors import close_code, close_reason
 from app.api.params import MAX_SESSION_ID_CHARS, MAX_TOKEN_CHARS, parse_token_like, parse_uint
-from app.core.errors import GoingAway, InvalidInput, NotReady, ServiceError
+from app.core.errors import (
+    GoingAway,
+    InvalidInput,
+    LeaseLost,
+    NotReady,
+    ServiceError,
+    StoreUnavailable,
+)
 from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import Session
-from app.services.redis_sessions import LeaseLost, StoreUnavailable
 from app.state import app_state
 
 log = logging.getLogger(__name__)

@@ -113,3 +113,18 @@ class ModelFailed(ServiceError):
     """The model call itself raised (HTTP 500, WebSocket 1011); the cause is in the log."""
 
     code = "internal_error"
+
+
+class StoreUnavailable(Overloaded):
+    """The session store (Redis) could not be reached in time (HTTP 503, WebSocket 1013)."""
+
+    code = "store_unavailable"
+
+
+class LeaseLost(Conflict):
+    """Another connection attached the session meanwhile: this one's fence is stale."""
+
+    code = "lease_lost"
+
+    def __init__(self, detail: str = "another connection attached the session") -> None:
+        super().__init__(detail)

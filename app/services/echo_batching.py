@@ -28,12 +28,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from app.core.errors import LeaseLost, StoreUnavailable
 from app.core.metrics import ECHO_MESSAGES, ECHO_STORE_WRITES
 from app.services.batching import AGAIN
 from app.services.echo_replies import pack_reply
 from app.services.echo_sessions import Session, SessionStore
 from app.services.models import EchoModel
-from app.services.redis_sessions import LeaseLost, RedisSessions, Step, StoreUnavailable
+from app.services.redis_sessions import RedisSessions, Step
 
 
 class Echoed(NamedTuple):

@@ -27,14 +27,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from app.core.config import Settings
-from app.core.errors import GoingAway, IdleTimeout, NotFound, NotReady, ServiceError
+from app.core.errors import GoingAway, IdleTimeout, LeaseLost, NotFound, NotReady, ServiceError
 from app.core.metrics import ECHO_CUT_OFF
 from app.services.client_limits import ClientLimits, client_key
 from app.services.echo_batching import Echoed
 from app.services.echo_lanes import EchoLane
 from app.services.echo_sessions import Session
 from app.services.models import EchoModel
-from app.services.redis_sessions import LeaseLost, RedisSessions, Step
+from app.services.redis_sessions import RedisSessions, Step
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 1000  # idle connections ended per lane in one sweeper pass

@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from app.core.config import Settings
-from app.core.errors import Conflict, Forbidden, NotFound, Overloaded
+from app.core.errors import Conflict, Forbidden, NotFound, StoreUnavailable
 from app.core.metrics import ECHO_STORE_ERRORS, ECHO_STORE_SECONDS
 from app.services.echo_replies import reply_seq
 
@@ -102,21 +102,6 @@ for i, lease in ipairs(KEYS) do
 end
 return 1
 """
-
-
-class StoreUnavailable(Overloaded):
-    """The session store could not be reached in time (HTTP 503, WebSocket 1013)."""
-
-    code = "store_unavailable"
-
-
-class LeaseLost(Conflict):
-    """Another connection attached the session meanwhile: this one's fence is stale."""
-
-    code = "lease_lost"
-
-    def __init__(self, detail: str = "another connection attached the session") -> None:
-        super().__init__(detail)
 
 
 @dataclass(frozen=True)
