@@ -24,6 +24,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from app.core.errors import Conflict
 from app.services.redis_sessions import RedisSessions, Step
 from bench.redis_server import RedisServer, running_redis
 from tests.live_server import LiveServer, start_server, wait_until
@@ -239,29 +240,41 @@ def test_racing_resumes_exactly_one_wins(fragile: LiveServer) -> None:
 
 
 def test_a_stale_writer_is_fenced_off(own_redis: RedisServer) -> None:
-    """After another connection attached the session, the old holder's writes are refused."""
+    """After another process attached the session, the old holder's writes are refused."""
 
     async def scenario() -> None:
-        store = RedisSessions(
-            own_redis.url, ttl_s=60, lease_s=0.2, replies=2, connect_timeout_s=1, timeout_s=1
-        )
+        def store() -> RedisSessions:
+            return RedisSessions(
+                own_redis.url, ttl_s=60, lease_s=0.2, replies=2, connect_timeout_s=1, timeout_s=1
+            )
+
+        a, b = store(), store()
         try:
             state = np.zeros(4, np.float32)
-            await store.create("s1", "tok", state, 1)
-            await asyncio.sleep(0.3)  # the creator's lease lapses (it stalled)
-            taken = await store.acquire("s1", "tok")
+            await a.create("s1", "tok", state, 1)  # a's owner key comes with it
+            with pytest.raises(Conflict, match="retry in 0"):
+                await b.acquire("s1", "tok")  # a holds it
+            await asyncio.sleep(0.3)  # a's owner key lapses (it stalled)
+            taken = await b.acquire("s1", "tok")
             assert taken.fence == 2
             old = Step("s1", 1, np.ones(4, np.float32).tobytes(), 1, None)
             new = Step("s1", 2, np.full(4, 2, np.float32).tobytes(), 1, None)
-            assert await store.commit([old, new]) == [False, True]
-            assert await store.renew([("s1", 1), ("s1", 2)]) == [False, True]
-            await store.release([("s1", 2)])
-            again = await store.acquire("s1", "tok")
+            assert await a.commit([old]) == [False]
+            assert await b.commit([new]) == [True]
+            assert not await a.keep_owner()  # a finds out that it lapsed, and what it lost
+            assert await a.reclaim([("s1", 1)]) == [False]
+            await a.release([("s1", 1)])  # not a's any more: changes nothing
+            with pytest.raises(Conflict):
+                await a.acquire("s1", "tok")
+            await b.release([("s1", 2)])
+            again = await a.acquire("s1", "tok")
             assert again.fence == 3 and np.array_equal(again.state, np.full(4, 2, np.float32))
-            raw = await store.client.hgetall("rnn:echo:s:s1")
+            raw = await a.client.hgetall("rnn:echo:s:s1")
             assert b"tok" not in b"".join([*raw.keys(), *raw.values()])  # only its hash
+            assert raw[b"own"] == a.owner.encode()
         finally:
-            await store.close()
+            await a.close()
+            await b.close()
 
     asyncio.run(scenario())
 

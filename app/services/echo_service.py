@@ -12,10 +12,14 @@ leaves its session at its last answered message. The sweeper also ends connectio
 client address's sessions.
 
 With ``ECHO_STORE_URL=redis://...`` (:class:`RedisSessions`) sessions live in Redis: :meth:`open`
-creates or attaches them there (taking the attach lease), the batcher stores every model call's
-steps before answering them (``EchoSteps.settle``: one round trip per call), a keeper task renews
-the leases of this process's attached sessions and ends the connections whose lease was taken
-over, and :meth:`close` / :meth:`stop` give leases back so the sessions resume elsewhere at once.
+creates or attaches them there (naming this process as their holder), the batcher stores every
+model call's steps before answering them (``EchoSteps.settle``: one round trip per call), a
+keeper task renews this process's one lease, its owner key (one command every third of
+``ECHO_LEASE_S``, however many sessions are attached), and :meth:`close` / :meth:`stop` give
+sessions back so they resume elsewhere at once (a failed give-back is retried by the keeper). Only
+when a renewal finds that the owner key had lapsed (the process stalled, or Redis was away, for
+longer than ``ECHO_LEASE_S``) does the keeper look at each attached session, once: the
+connections whose session another process took meanwhile are ended (``LeaseLost``).
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ class EchoService:
         self.durable = RedisSessions.from_settings(settings)
         self._keeper: asyncio.Task[None] | None = None
         self._releasing: dict[str, asyncio.Future[None]] = {}  # leases being given back
+        self._unreleased: dict[str, int] = {}  # id -> fence: releases that failed, retried
+        self._renewing = asyncio.Lock()  # the keeper's and a lapse-finding attach's renewals
+        self._lapsed = True  # the owner key may have lapsed: check the attached sessions
+        if self.durable is not None:
+            self.durable.on_lapse = self._renew
         self.limits = ClientLimits(
             settings.echo_new_sessions_per_s,
             settings.echo_new_sessions_burst,
@@ -103,7 +112,8 @@ class EchoService:
         self._started = True
         self._sweeper = asyncio.create_task(self._sweep(), name="echo-sweeper")
         if self.durable is not None:
-            await self.durable.ping()  # a Redis that is down now only refuses echo sessions
+            with contextlib.suppress(ServiceError):  # Redis down now only refuses echo sessions
+                await self._renew()  # the owner key, before any session names it
             self._keeper = asyncio.create_task(self._keep_leases(), name="echo-lease-keeper")
         log.info(
             "echo service started",
@@ -134,7 +144,10 @@ class EchoService:
         self.default = None
         if self.durable is not None:
             with contextlib.suppress(ServiceError):  # leases lapse by themselves otherwise
-                await self.durable.release(leases)
+                for i in range(0, len(leases), 1000):
+                    await self.durable.release(leases[i : i + 1000])
+            with contextlib.suppress(ServiceError):
+                await self.durable.retire()  # the rest: free at once
             await self.durable.close()
 
     async def open(
@@ -182,8 +195,7 @@ class EchoService:
             # A client that reconnects here at once waits for this instead of session_in_use.
             released = self._releasing[session.id] = asyncio.get_running_loop().create_future()
             try:
-                with contextlib.suppress(ServiceError):  # it lapses after ECHO_LEASE_S otherwise
-                    await self.durable.release([(session.id, session.fence)])
+                await self._release(session.id, session.fence)
             finally:
                 released.set_result(None)
                 if self._releasing.get(session.id) is released:
@@ -203,6 +215,9 @@ class EchoService:
         releasing = self._releasing.get(session_id)
         if releasing is not None:
             await releasing
+        unreleased = self._unreleased.pop(session_id, None)
+        if unreleased is not None:  # detached here while Redis failed: give it up first
+            await self._release(session_id, unreleased)
         stored = await self.durable.acquire(session_id, token)
         try:
             lane = self.lanes.get(stored.version)
@@ -215,11 +230,19 @@ class EchoService:
             session = lane.store.adopt(session_id, token, stored.state, stored.seq, stored.replies)
             session.version = lane.version
         except BaseException:
-            with contextlib.suppress(ServiceError):
-                await self.durable.release([(session_id, stored.fence)])
+            await self._release(session_id, stored.fence)
             raise
         session.fence = stored.fence
         return session
+
+    async def _release(self, session_id: str, fence: int) -> None:
+        """Give a session up; if Redis cannot be told now, the keeper retries every tick (this
+        process's live owner key would keep the session in use otherwise)."""
+        assert self.durable is not None
+        try:
+            await self.durable.release([(session_id, fence)])
+        except ServiceError:
+            self._unreleased[session_id] = fence
 
     def _sessions(self) -> list[Session]:
         return [
@@ -230,27 +253,46 @@ class EchoService:
         return [(s.id, s.fence) for s in self._sessions() if s.attached]
 
     async def _keep_leases(self) -> None:
-        """Renew this process's leases every third of ``ECHO_LEASE_S``; end the lost ones."""
-        assert self.durable is not None
+        """Renew this process's owner key every third of ``ECHO_LEASE_S``: one command a tick,
+        however many sessions are attached (their hashes name this process as their holder)."""
         while True:
             await asyncio.sleep(self.settings.echo_lease_s / 3)
+            with contextlib.suppress(ServiceError):  # recorded by the store; writes are fenced
+                await self._renew()
+
+    async def _renew(self) -> None:
+        """Renew the owner key; if it had lapsed (this process stalled, or Redis was away for
+        longer than ``ECHO_LEASE_S``), end the connections whose session was taken over meanwhile.
+
+        Only then is there work per attached session (one pass, 1,000 sessions a round trip);
+        until that pass succeeds, every renewal repeats it.
+        """
+        assert self.durable is not None
+        async with self._renewing:
+            if not await self.durable.keep_owner():
+                self._lapsed = True
+            while self._unreleased:  # only after Redis failed a release
+                chunk = list(self._unreleased.items())[:1000]
+                await self.durable.release(chunk)
+                for session_id, fence in chunk:
+                    if self._unreleased.get(session_id) == fence:
+                        del self._unreleased[session_id]
+            if not self._lapsed:
+                return
             leases = self._leases()
-            try:
-                if not leases:
-                    await self.durable.ping()
-                for i in range(0, len(leases), 1000):
-                    chunk = leases[i : i + 1000]
-                    held = await self.durable.renew(chunk)
-                    lost = [lease for lease, ok in zip(chunk, held, strict=True) if not ok]
-                    if not lost:
-                        continue
-                    attached = {s.id: s for s in self._sessions() if s.attached}
-                    for session_id, fence in lost:
-                        session = attached.get(session_id)
-                        if session is not None and session.fence == fence:
-                            self._end(session, LeaseLost("another connection took the session"))
-            except ServiceError:
-                continue  # recorded by the store; the writes are fenced anyway
+            if leases:
+                log.warning("echo lease lapsed; checking sessions", extra={"count": len(leases)})
+            lost: list[tuple[str, int]] = []
+            for i in range(0, len(leases), 1000):
+                chunk = leases[i : i + 1000]
+                held = await self.durable.reclaim(chunk)
+                lost += [lease for lease, ok in zip(chunk, held, strict=True) if not ok]
+            self._lapsed = False
+            attached = {s.id: s for s in self._sessions() if s.attached} if lost else {}
+            for session_id, fence in lost:
+                session = attached.get(session_id)
+                if session is not None and session.fence == fence:
+                    self._end(session, LeaseLost("another connection took the session"))
 
     async def advance(self, session: Session, chunk: bytes) -> Echoed:
         """Advance ``session`` by one message's bits → probabilities, bits, the reply's seq.

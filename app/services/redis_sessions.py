@@ -2,15 +2,32 @@
 
 Per session, one hash ``<prefix>s:<id>`` holds the state row (float32 bytes), ``seq`` (the last
 stored step), the model version, a SHA-256 of the token (never the token: a dump of Redis must
-not let anyone resume a session), a ``fence`` and the last ``ECHO_REPLAY_REPLIES`` packed
-replies (``r<seq mod n>``, ``app.services.echo_replies``); it expires ``ECHO_SESSION_TTL_S``
-after its last use. The attach lease is ``<prefix>l:<id>`` = the holder's fence, expiring after
-``ECHO_LEASE_S`` unless renewed: one connection per session across every worker and replica.
+not let anyone resume a session), a ``fence``, ``own`` (the holding process, while attached) and
+the last ``ECHO_REPLAY_REPLIES`` packed replies (``r<seq mod n>``, ``app.services.echo_replies``).
+It expires ``ECHO_SESSION_TTL_S`` after its detach; while attached, each attach and stored step
+sets its expiry to ``attached_ttl_s`` (``ECHO_IDLE_TIMEOUT_S`` + 60 s if that is longer), so an
+idle attached session outlives its connection, whose idle timeout closes it first.
+
+Leases, one per process, not per session: each :class:`RedisSessions` (one per server process)
+has a random ``owner`` id and an owner key ``<prefix>o:<owner>`` that expires after
+``ECHO_LEASE_S`` unless renewed (:meth:`RedisSessions.keep_owner`: one ``SET ... PX ... GET`` a
+tick, whatever the number of sessions). A session is in use while its ``own`` names a live owner
+key: one connection per session across every worker and replica. A detach removes ``own`` (the
+session resumes elsewhere at once); a process that dies leaves its owner key to lapse, which frees
+all its sessions at once; a clean shutdown deletes it (:meth:`RedisSessions.retire`).
 
 Every attach increments ``fence``, and every write (a Lua script, atomic) first checks that
 the session's fence is still the writer's: a process that lost its lease (it stalled, another
-replica took the session over) can never overwrite newer state. The steps of one batched model
-call are stored by one script call (:meth:`RedisSessions.commit`), before any of them is answered.
+replica took the session over) can never overwrite newer state. ``keep_owner`` tells the process
+when its owner key had lapsed; then (only then) :meth:`RedisSessions.reclaim` checks its attached
+sessions' fences: those unchanged are its own again, the others were taken over. A script that
+needs the owner key (create, attach) and finds it lapsed calls ``on_lapse`` first (the same
+renewal and check) and runs once more. The steps of one batched model call are stored by one
+script call (:meth:`RedisSessions.commit`), before any of them is answered.
+
+The scripts read the holder's owner key by a name built from the hash, so the store needs one
+Redis (not Redis Cluster), as before. Earlier versions' per-session lease keys ``<prefix>l:<id>``
+are still honoured by attach, for rolling upgrades.
 
 Errors: ``NotFound``, ``Forbidden``, ``Conflict`` (``session_in_use``, with when to retry) and
 :class:`StoreUnavailable` (Redis down or slow) for everything the store could not do.
@@ -20,7 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,24 +55,41 @@ from app.services.echo_replies import reply_seq
 
 log = logging.getLogger(__name__)
 
+# An attached session's hash outlives ECHO_IDLE_TIMEOUT_S by this much: time for the sweeper to
+# notice the idle connection (every 30 s at most) and for its close to release the session.
+IDLE_CLOSE_SLACK_S = 60.0
+
+# KEYS: hash, this process's owner key; ARGV: token hash, state, version, ttl ms, owner.
+# -> 1 created / 0 the id exists / -1 this process's owner key lapsed (see RedisSessions.lapsed)
 _CREATE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'th', ARGV[1], 'st', ARGV[2], 'seq', 0, 'ver', ARGV[3], 'fence', 1)
+redis.call('HSET', KEYS[1], 'th', ARGV[1], 'st', ARGV[2], 'seq', 0, 'ver', ARGV[3], 'fence', 1,
+  'own', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('SET', KEYS[2], 1, 'PX', ARGV[5])
 return 1
 """
 
+# KEYS: hash, legacy lease key, this process's owner key; ARGV: token hash, ttl ms, owner,
+# owner key prefix. The session is in use while its holder's owner key lives (the holder's name
+# is in the hash, so that key cannot be passed in KEYS: standalone Redis only, as before).
 # -> {'ok', fence, HGETALL...} | {'not_found'} | {'invalid_token'} | {'in_use', ms left}
+#    | {'lapsed'} (this process's owner key is gone)
 _ACQUIRE = """
 local th = redis.call('HGET', KEYS[1], 'th')
 if not th then return {'not_found'} end
 if th ~= ARGV[1] then return {'invalid_token'} end
-local left = redis.call('PTTL', KEYS[2])
-if left ~= -2 then return {'in_use', left} end
+local holder = redis.call('HGET', KEYS[1], 'own')
+if holder then
+  local left = redis.call('PTTL', ARGV[4] .. holder)
+  if left ~= -2 then return {'in_use', left} end
+end
+local legacy = redis.call('PTTL', KEYS[2])
+if legacy ~= -2 then return {'in_use', legacy} end
+if redis.call('EXISTS', KEYS[3]) == 0 then return {'lapsed'} end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-redis.call('SET', KEYS[2], fence, 'PX', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'own', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {'ok', fence, redis.call('HGETALL', KEYS[1])}
 """
 
@@ -78,16 +114,14 @@ end
 return out
 """
 
-# KEYS: lease, hash pairs; ARGV: lease ms, ttl ms, fences. A lease that lapsed (Redis was away)
-# is taken back if nobody attached since (the fence is still ours). -> 1 held / 0 lost.
-_RENEW = """
+# After this process's owner key lapsed. KEYS: session hashes; ARGV: owner, then fences. Where
+# nobody attached since (the fence is still ours) the session is this owner's again.
+# -> 1 held / 0 lost, per session.
+_RECLAIM = """
 local out = {}
-for i = 1, #KEYS / 2 do
-  local lease, key, fence = KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 + i]
-  local holder = redis.call('GET', lease)
-  if holder == fence or (not holder and redis.call('HGET', key, 'fence') == fence) then
-    redis.call('SET', lease, fence, 'PX', ARGV[1])
-    redis.call('PEXPIRE', key, ARGV[2])
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'fence') == ARGV[i + 1] then
+    redis.call('HSET', key, 'own', ARGV[1])
     out[i] = 1
   else
     out[i] = 0
@@ -96,9 +130,13 @@ end
 return out
 """
 
+# KEYS: session hashes; ARGV: ttl ms (detached), then fences. Only where the fence is still ours.
 _RELEASE = """
-for i, lease in ipairs(KEYS) do
-  if redis.call('GET', lease) == ARGV[i] then redis.call('DEL', lease) end
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'fence') == ARGV[i + 1] then
+    redis.call('HDEL', key, 'own')
+    redis.call('PEXPIRE', key, ARGV[1])
+  end
 end
 return 1
 """
@@ -143,10 +181,17 @@ class RedisSessions:
         replies: int,
         connect_timeout_s: float,
         timeout_s: float,
+        attached_ttl_s: float | None = None,
         prefix: str = "rnn:echo:",
     ) -> None:
         self.ttl_ms, self.lease_ms = int(ttl_s * 1000), int(lease_s * 1000)
+        self.attached_ttl_ms = int(max(ttl_s, attached_ttl_s or 0) * 1000)
         self.replies, self.prefix = replies, prefix
+        self.owner = secrets.token_urlsafe(12)  # this process, this start
+        self.owner_key = f"{prefix}o:{self.owner}"
+        # Called when a script finds the owner key lapsed, before it is retried once: by default
+        # it renews the key; EchoService first finds out which sessions were taken meanwhile.
+        self.on_lapse: Callable[[], Awaitable[object]] = self.keep_owner
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -162,7 +207,7 @@ class RedisSessions:
                 "create": _CREATE,
                 "acquire": _ACQUIRE,
                 "commit": _COMMIT,
-                "renew": _RENEW,
+                "reclaim": _RECLAIM,
                 "release": _RELEASE,
             }.items()
         }
@@ -182,6 +227,7 @@ class RedisSessions:
             replies=settings.echo_replay_replies,
             connect_timeout_s=settings.echo_store_connect_timeout_s,
             timeout_s=settings.echo_store_timeout_s,
+            attached_ttl_s=settings.echo_idle_timeout_s + IDLE_CLOSE_SLACK_S,
         )
 
     def status(self) -> str:
@@ -197,18 +243,39 @@ class RedisSessions:
     async def close(self) -> None:
         await self.client.aclose()
 
+    async def keep_owner(self) -> bool:
+        """Renew this process's owner key (one command); False if it had lapsed meanwhile.
+
+        While it lives, every session this process attached is in use; once it lapsed, any of
+        them may have been taken over (:meth:`reclaim` tells which were not).
+        """
+        previous = await self._run(
+            "renew", self.client.set(self.owner_key, 1, px=self.lease_ms, get=True)
+        )
+        return previous is not None
+
+    async def retire(self) -> None:
+        """Drop the owner key (shutdown): whatever this process still held is free at once."""
+        await self._run("release", self.client.delete(self.owner_key))
+
     async def create(self, session_id: str, token: str, state: np.ndarray, version: int) -> None:
-        """Store a new session in its initial state, with this process holding its lease."""
-        keys = [self._key(session_id), self._lease(session_id)]
-        args = [token_hash(token), _state_bytes(state), version, self.ttl_ms, self.lease_ms]
-        if not await self._run("create", self._scripts["create"](keys, args)):
+        """Store a new session in its initial state, held by this process."""
+        keys = [self._key(session_id), self.owner_key]
+        args = [
+            token_hash(token),
+            _state_bytes(state),
+            version,
+            self.attached_ttl_ms,
+            self.owner,
+        ]
+        if not await self._scripted("create", keys, args):
             raise Conflict("a session with this id exists already", "session_exists")
 
     async def acquire(self, session_id: str, token: str) -> Stored:
-        """Attach: check the token, take the lease (a new fence), read the session back."""
-        keys = [self._key(session_id), self._lease(session_id)]
-        args = [token_hash(token), self.lease_ms, self.ttl_ms]
-        answer = await self._run("acquire", self._scripts["acquire"](keys, args))
+        """Attach: check the token, take the session (a new fence), read it back."""
+        keys = [self._key(session_id), self._legacy_lease(session_id), self.owner_key]
+        args = [token_hash(token), self.attached_ttl_ms, self.owner, f"{self.prefix}o:"]
+        answer = await self._scripted("acquire", keys, args)
         outcome = answer[0].decode()
         if outcome == "not_found":
             raise NotFound("unknown or expired session_id", "session_not_found")
@@ -232,7 +299,7 @@ class RedisSessions:
 
     async def commit(self, steps: list[Step]) -> list[bool]:
         """Store every step in one round trip; False where the session's fence moved on."""
-        keys, args = [], [self.ttl_ms]
+        keys, args = [], [self.attached_ttl_ms]
         for s in steps:
             keys.append(self._key(s.session_id))
             field = b"" if s.reply is None else b"r%d" % (s.seq % self.replies)
@@ -240,20 +307,34 @@ class RedisSessions:
         stored = await self._run("commit", self._scripts["commit"](keys, args))
         return [bool(x) for x in stored]
 
-    async def renew(self, leases: list[tuple[str, int]]) -> list[bool]:
-        """Extend the leases this process holds; False for the ones it lost."""
-        keys: list[str] = []
-        for session_id, _ in leases:
-            keys += [self._lease(session_id), self._key(session_id)]
-        args = [self.lease_ms, self.ttl_ms, *(fence for _, fence in leases)]
-        held = await self._run("renew", self._scripts["renew"](keys, args))
+    async def reclaim(self, leases: list[tuple[str, int]]) -> list[bool]:
+        """After the owner key lapsed: which of these sessions are still this process's (their
+        fence unchanged: held again from now on) and which were taken over (False)."""
+        keys = [self._key(session_id) for session_id, _ in leases]
+        args = [self.owner, *(fence for _, fence in leases)]
+        held = await self._run("reclaim", self._scripts["reclaim"](keys, args))
         return [bool(x) for x in held]
 
     async def release(self, leases: list[tuple[str, int]]) -> None:
-        """Give up leases (detach, shutdown) so that the sessions resume elsewhere at once."""
+        """Give sessions up (detach, shutdown): they resume elsewhere at once, and stay
+        resumable ``ttl_s`` from now."""
         if leases:
-            keys = [self._lease(session_id) for session_id, _ in leases]
-            await self._run("release", self._scripts["release"](keys, [f for _, f in leases]))
+            keys = [self._key(session_id) for session_id, _ in leases]
+            args = [self.ttl_ms, *(fence for _, fence in leases)]
+            await self._run("release", self._scripts["release"](keys, args))
+
+    async def _scripted(self, op: str, keys: list, args: list):
+        """Run a script that needs this process's owner key alive; if it lapsed, renew it first
+        (``on_lapse``) and run the script once more."""
+        answer = await self._run(op, self._scripts[op](keys, args))
+        if _lapsed(answer):
+            await self.on_lapse()
+            answer = await self._run(op, self._scripts[op](keys, args))
+            if _lapsed(answer):
+                raise StoreUnavailable(
+                    "the echo session store is catching up; retry shortly", retry_after_s=1.0
+                )
+        return answer
 
     async def _run(self, op: str, call):
         started = time.perf_counter()
@@ -276,8 +357,13 @@ class RedisSessions:
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}s:{session_id}"
 
-    def _lease(self, session_id: str) -> str:
+    def _legacy_lease(self, session_id: str) -> str:
+        """The per-session lease key of earlier versions, honoured while they still run."""
         return f"{self.prefix}l:{session_id}"
+
+
+def _lapsed(answer: object) -> bool:
+    return answer == -1 or (isinstance(answer, list) and answer[0] == b"lapsed")
 
 
 def _state_bytes(state: np.ndarray) -> bytes:
