@@ -365,6 +365,10 @@ class EchoStream:
                     return
                 if not _retryable(error):
                     raise error
+                if error.code == "idle_timeout" and all(e.answered for e in self._entries):
+                    assert self._wake is not None  # idle: resume when there is something to send
+                    self._wake.clear()
+                    await self._wake.wait()
                 log.info("echo connection dropped (%s: %s); resuming", error.code, error.status)
         except RnnServingError as exc:
             self._error = exc
