@@ -78,6 +78,7 @@ async def stream(cfg: dict[str, Any]) -> dict[str, Any]:
                 token = state.token
                 result = {
                     "connections": s.connections,
+                    "retried": s.retried,
                     "recovered": len(recovered),
                     "started_at": start,
                     "echo_step": s.echo_step,
@@ -219,11 +220,52 @@ async def keys(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def units(cfg: dict[str, Any]) -> dict[str, Any]:
+    """No server: errors from bodies and close reasons, the file store, reprs."""
+    from rnn_serving_client.errors import error_from_close, error_from_response
+
+    busy = error_from_response(
+        503, {"error": "too_many_uploads", "detail": "retry"}, {"retry-after": "2"}
+    )
+    assert isinstance(busy, rsc.Overloaded) and busy.retry_after == 2.0 and busy.status == 503
+    down = error_from_response(503, {"error": "not_ready", "detail": "loading"}, {})
+    assert type(down) is rsc.Unavailable and down.retry_after is None
+    assert type(error_from_response(504, {"error": "timeout", "detail": "x"})) is rsc.Timeout
+    assert type(error_from_response(413, {"error": "image_too_large", "detail": "x"})) is (
+        rsc.TooLarge
+    )
+    v2 = error_from_response(400, {"error": "invalid_shape: images must be [n, 28, 28]"})
+    assert (type(v2), v2.code, v2.detail) == (rsc.InvalidInput, "invalid_shape", v2.detail)
+    in_use = error_from_close(1013, "session_in_use: attached elsewhere; retry in 3.2 s")
+    assert type(in_use) is rsc.Unavailable and in_use.retry_after == 3.2
+    assert in_use.code == "session_in_use" and in_use.status == 1013
+    lost = error_from_close(1008, "replay_unavailable: only the last 4 replies are kept")
+    assert type(lost) is rsc.SessionLost and isinstance(lost, rsc.NotFound)
+    assert type(error_from_close(1008, "invalid_token: wrong token")) is rsc.Unauthorized
+    assert type(error_from_close(1012, "")) is rsc.Unavailable
+
+    path = Path(cfg["dir"]) / "s" / "session.json"
+    store = rsc.FileSessionStore(path)
+    assert store.load() is None
+    state = rsc.SessionState(
+        "sid", "secret-token", seq=7, pending=((1, 0), None, (1,)), echo_step=3, model_version=1
+    )
+    store.save(state)
+    assert store.load() == state and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["session.json"]  # no temp left
+    assert "secret-token" not in repr(state) + repr(store) + str(state)
+    store.clear()
+    assert store.load() is None and isinstance(store, rsc.SessionStore)
+    return {"ok": True}
+
+
 def main() -> None:
     mode, cfg = sys.argv[1], json.loads(sys.argv[2])
     assert "site-packages" in rsc.__file__, f"not the installed wheel: {rsc.__file__}"
     if mode == "digits":
         result = digits(cfg)
+    elif mode == "units":
+        result = units(cfg)
     else:
         result = asyncio.run(
             {

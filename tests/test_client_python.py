@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ import httpx
 import pytest
 
 from app.schemas.digits import EXAMPLE_IMAGE
+from bench.redis_server import running_redis
 from tests.live_server import REPO, LiveServer, RedisServer, free_port, start_server, wait_until
 
 pytestmark = pytest.mark.slow
@@ -108,8 +110,9 @@ def _messages(seed: int, count: int, bits: int) -> list[list[int]]:  # as client
 
 class CuttingProxy:
     """A TCP proxy (asyncio, on its own thread) to 127.0.0.1:``upstream``. Each connection is
-    cut with a TCP reset on both sides after a random 1,000 to 2,500 bytes sent to the client
-    (mid-frame), until ``cuts`` connections were cut; later ones are left alone."""
+    cut with a TCP reset on both sides after a random 1,500 to 3,000 bytes sent to the client
+    (mid-frame: past the handshake, the session frame and up to 4 replays, ~1,300 bytes), until
+    ``cuts`` connections were cut; later ones are left alone."""
 
     def __init__(self, upstream: int, cuts: int, seed: int = 1) -> None:
         self.upstream, self.target, self.rng = upstream, cuts, random.Random(seed)
@@ -135,7 +138,7 @@ class CuttingProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        budget = self.rng.randint(1000, 2500) if self.cuts < self.target else None
+        budget = self.rng.randint(1500, 3000) if self.cuts < self.target else None
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
 
         def cut() -> None:
@@ -167,13 +170,20 @@ class CuttingProxy:
 
 
 @pytest.fixture(scope="module")
+def client_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis of these tests' own, which they stop and start again."""
+    with running_redis(tmp_path_factory.mktemp("client_redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def kill_pair(
-    tmp_path_factory: pytest.TempPathFactory, redis: RedisServer
+    tmp_path_factory: pytest.TempPathFactory, client_redis: RedisServer
 ) -> Iterator[tuple[LiveServer, LiveServer]]:
     """Two servers on the same Redis, API keys required, leases of 1.5 s, idle connections closed
     after 1.5 s; started together."""
     env = {
-        "ECHO_STORE_URL": redis.url,
+        "ECHO_STORE_URL": client_redis.url,
         "API_KEYS": API_KEY,
         "ECHO_IDLE_TIMEOUT_S": "1.5",
         **FAST_FAILOVER,
@@ -202,6 +212,10 @@ def test_the_wheel_installs_alone(client_python: Path) -> None:
     assert typed and str(client_python.parent.parent) in where
     assert "httpx" in names and "websockets" in names and "rnn-serving-client" in names
     assert not {"numpy", "tensorflow", "tensorflow-cpu", "rnn-serving"} & set(names), names
+
+
+def test_errors_store_and_reprs(client_python: Path, tmp_path: Path) -> None:
+    assert scenario(client_python, "units", {"dir": str(tmp_path)}) == {"ok": True}
 
 
 def test_digits(client_python: Path, live_server: LiveServer, tmp_path: Path) -> None:
@@ -244,7 +258,7 @@ def test_echo_exactly_once_through_cut_connections(
     flight): every reply still reaches the application once, in order; the token is in no
     log line (DEBUG, websockets' handshakes included) and no repr."""
     live: LiveServer = request.getfixturevalue(server)
-    plan = {"seed": 5, "count": 150, "bits": 10}
+    plan = {"seed": 5, "count": 160, "bits": 10}
     want = reference(client_python, live, tmp_path, **plan)
     out = tmp_path / "cut.jsonl"
     with CuttingProxy(live.port, cuts=8) as proxy:
@@ -283,6 +297,7 @@ def test_echo_sigkilled_server_two_servers_one_redis(
     assert child.returncode == 0, stderr[-4000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["connections"] == 2, result  # the second one on b, after the lease lapsed
+    assert {"connection_failed", "session_in_use"} <= set(result["retried"]), result
     want = reference(client_python, b, tmp_path, **plan)
     same_stream(replies(out), want, plan["count"])
 
@@ -292,6 +307,41 @@ def test_echo_sigkilled_server_two_servers_one_redis(
         "echo": ["unauthorized", 1008],
         "with_key": "mnist_lstm",
     }
+
+
+def test_echo_redis_down_and_back(
+    client_python: Path,
+    kill_pair: tuple[LiveServer, LiveServer],
+    client_redis: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Redis stops mid-stream for 2 s: the message in flight is refused (error frame, 1013
+    ``store_unavailable``), new attaches too; the stream retries until Redis is back and the
+    dead connection's lease has lapsed, and the replies are still exactly the unbroken stream."""
+    b = kill_pair[1]
+    plan = {"seed": 13, "count": 120, "bits": 10, "api_key": API_KEY}
+    out = tmp_path / "outage.jsonl"
+    cfg = {"urls": [b.base_url], "out": str(out), "delay": 0.02, **plan}
+    child = subprocess.Popen(
+        [client_python, "-I", SCENARIO, "stream", json.dumps(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: out.exists() and out.read_text().count("\n") >= 30, 60, "30 replies")
+        client_redis.stop()
+        time.sleep(2)
+        client_redis.start()
+        stdout, stderr = child.communicate(timeout=90)
+    finally:
+        child.kill()
+        if not client_redis.answers():
+            client_redis.start()
+    assert child.returncode == 0, stderr[-4000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["connections"] >= 2 and "store_unavailable" in result["retried"], result
+    same_stream(replies(out), reference(client_python, b, tmp_path, **plan), plan["count"])
 
 
 def test_echo_idle_connection_closed_by_the_server(

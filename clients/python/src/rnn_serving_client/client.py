@@ -5,7 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, overload
@@ -307,9 +315,13 @@ class SyncEchoStream:
             raise AttributeError(name)
         return getattr(self.async_stream, name)
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _run(self, awaitable: Awaitable[T]) -> T:
         assert self._loop is not None, "open the stream first"
-        return self._loop.run(coro)
+
+        async def wrapped() -> T:
+            return await awaitable
+
+        return self._loop.run(wrapped())
 
     def send(self, bits: Any) -> EchoReply:
         return self._run(self.async_stream.send(bits))

@@ -150,6 +150,7 @@ class EchoStream:
         self.model_version: int | None = None
         self.resumed = False
         self.connections = 0  #: connections opened (1 + reconnects)
+        self.retried: dict[str, int] = {}  #: drops and failed connects retried, by code
         self._received = 0  # seq of the last reply received
         self._next_seq = 1  # seq that will answer the next bits message
         self._entries: deque[_Entry] = deque()  # not yet handed over, in order
@@ -365,6 +366,7 @@ class EchoStream:
                     return
                 if not _retryable(error):
                     raise error
+                self.retried[error.code] = self.retried.get(error.code, 0) + 1
                 if error.code == "idle_timeout" and all(e.answered for e in self._entries):
                     assert self._wake is not None  # idle: resume when there is something to send
                     self._wake.clear()
@@ -390,6 +392,7 @@ class EchoStream:
             except RnnServingError as exc:
                 if not _retryable(exc):
                     raise
+                self.retried[exc.code] = self.retried.get(exc.code, 0) + 1
                 if isinstance(exc, ConnectionFailed) or exc.code in ("not_ready", "shutting_down"):
                     self._url_index = (self._url_index + 1) % len(self._urls)  # try the next one
                 delay = min(self.backoff_max, self.backoff_initial * 2**attempt)
@@ -473,7 +476,7 @@ class EchoStream:
             raise _close_error(exc) from None
         except asyncio.TimeoutError:
             raise ConnectionFailed("connection_failed", "no frame in time") from None
-        frame = json.loads(raw)
+        frame: dict[str, Any] = json.loads(raw)
         if frame.get("type") == "error" and frame.get("code") not in ("store_unavailable",
                                                                        "lease_lost"):  # fmt: skip
             raise RnnServingError("protocol_error", f"unexpected error frame {frame.get('code')}")
