@@ -179,8 +179,8 @@ def digits(cfg: dict[str, Any]) -> dict[str, Any]:
             by_file = client.predict_digit(f)
         assert by_path.probabilities == by_bytes.probabilities == by_file.probabilities
         out["picture"] = by_path.digit
-        pinned = rsc.Client(cfg["urls"][0], version=1)
-        assert pinned.predict_digit(image).model.version == 1
+        with rsc.Client(cfg["urls"][0], version=1) as pinned:
+            assert pinned.predict_digit(image).model.version == 1
         errors = {}
         for name, call in {
             "shape": lambda: client.predict_digit([[0] * 27] * 28),
