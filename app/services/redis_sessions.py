@@ -192,14 +192,18 @@ class RedisSessions:
         # Called when a script finds the owner key lapsed, before it is retried once: by default
         # it renews the key; EchoService first finds out which sessions were taken meanwhile.
         self.on_lapse: Callable[[], Awaitable[object]] = self.keep_owner
-        self.client = redis.Redis.from_url(
+        # At most 64 connections; a command finding them all busy (a burst of handshakes) waits
+        # for one up to the command timeout instead of failing at once ("Too many connections").
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=64,
+            timeout=timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=connect_timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),  # a connection reset
             health_check_interval=5,
-            max_connections=64,
         )
+        self.client = redis.Redis.from_pool(pool)  # closing the client closes the pool
         self.error: str | None = None  # why the last command failed; None once one succeeded
         self._scripts = {
             name: self.client.register_script(source)
