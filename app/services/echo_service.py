@@ -255,7 +255,8 @@ class EchoService:
     async def _keep_leases(self) -> None:
         """Renew this process's owner key every third of ``ECHO_LEASE_S``: one command a tick,
         however many sessions are attached (their hashes name this process as their holder)."""
-        while True:
+        while self._started:  # stop() cancels it, but a cancellation that lands inside a Redis
+            # call can come out of redis-py as a timeout (a ServiceError here): stop anyway
             await asyncio.sleep(self.settings.echo_lease_s / 3)
             with contextlib.suppress(ServiceError):  # recorded by the store; writes are fenced
                 await self._renew()
