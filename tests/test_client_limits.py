@@ -194,3 +194,11 @@ def test_network_keys_are_ipv4_slash_24_and_ipv6_slash_48() -> None:
     assert network_key("2001:db8:1:2::1") == network_key("2001:db8:1:ffff::1") == "2001:db8:1::/48"
     assert network_key("::ffff:10.0.0.7") == "10.0.0.0/24"
     assert network_key(None) == "unknown"
+
+
+def test_clear_forgets_attached_sessions_with_either_store() -> None:
+    for keep_detached in (True, False):  # False: the Redis store's working copy
+        store = SessionStore(np.zeros(4, np.float32), 10, 60, keep_detached=keep_detached)
+        store.create(), store.create()
+        store.clear()
+        assert len(store) == 0 and store.idle_attached(-1) == []

@@ -264,8 +264,9 @@ class SessionStore:
 
     def clear(self) -> None:
         for session in list(self.sessions.values()):
-            self.detach(session)
-            self._drop(session)
+            self.detach(session)  # with the Redis store this drops it already
+            if session.id in self.sessions:
+                self._drop(session)
 
     def _expired(self, session: Session) -> bool:
         return time.monotonic() - session.last_seen > self.ttl_s
