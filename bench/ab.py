@@ -70,6 +70,9 @@ def main() -> None:
                     sys.exit(f"{name}: load generator failed:\n{done.stderr[-2000:]}")
                 for line in done.stdout.splitlines():
                     d = json.loads(line)
+                    if "msgs_per_s" not in d:  # not a result line
+                        print(f"{name:>10} round {r}: {line[:300]}", file=sys.stderr)
+                        continue
                     print(
                         f"{name:>10} round {r}: {d['msgs_per_s']:8,.0f} msgs/s"
                         f"  p50 {d['p50_ms']:6.2f}  p99 {d['p99_ms']:6.2f} ms"
