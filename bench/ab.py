@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import server
+from tests import servers as server
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str], str | None, Path]:

@@ -4,7 +4,7 @@
     python -m bench.attacks_round2 --config fixed= --config before=cwd=../old-checkout
 
 Every row starts from a server (``python -m app``, the service's defaults: none of the limits
-that ``bench.server`` lifts for the load generator) on 127.0.0.1; rows that leave state behind
+that ``tests.servers`` lifts for the load generator) on 127.0.0.1; rows that leave state behind
 (leaked sessions, held connections, memory kept after a flood) get a fresh one. While the attack
 runs from 127.0.0.3 and up, a well-behaved client on 127.0.0.2 (a process of its own) asks
 ``GET /livez`` on a new connection every ~10 ms (its longest and p99 wait), and a sampler reads
@@ -57,9 +57,9 @@ from urllib.parse import quote
 
 import orjson
 
-from bench import server as srv
 from bench.ab import parse_config
-from bench.attacks import Refused, open_session, resume_url
+from tests import servers as srv
+from tests.echo_attacks import Refused, open_session, resume_url
 
 VICTIM = "127.0.0.2"
 FRESH_NET = "127.99.0.1"  # a client of another /24 than every attacker's

@@ -27,9 +27,9 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import mnist
-from bench.server import proc_cpu_seconds, self_cpu_seconds, system_cpu_seconds
 from bench.verify import verify_digits, verify_echo
 from bench.wire import HttpConn, Run, WsConn, http_request, ws_frame
+from tests.servers import proc_cpu_seconds, self_cpu_seconds, system_cpu_seconds
 
 SINGLE_IMAGES = 16  # distinct real images cycled through by one-image requests
 BATCHES = 4  # distinct 128-image bodies

@@ -38,8 +38,8 @@ import uvloop
 
 from bench import mnist
 from bench.loadgen import digit_body, percentile
-from bench.server import proc_cpu_seconds, self_cpu_seconds
 from bench.wire import http_request, ws_frame
+from tests.servers import proc_cpu_seconds, self_cpu_seconds
 
 ECHO_FRAMES = [ws_frame(b'{"bits":[%d]}' % b) for b in (0, 1)]
 
@@ -221,8 +221,8 @@ def compare(argv: list[str]) -> None:
     import tempfile
     from pathlib import Path
 
-    from bench import server
     from bench.ab import parse_config
+    from tests import servers as server
 
     ap = argparse.ArgumentParser(description="configurations side by side, open loop")
     ap.add_argument("--rounds", type=int, default=2)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from bench import server
+from tests import servers as server
 from tests.browser import find_chromium
 from tests.page_drawing import predicted_digit, trace_digit
 from training.mnist_data import find_mnist, load_mnist

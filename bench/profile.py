@@ -21,8 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench import server
-from bench.server import CLK_TCK, REPO
+from tests import servers as server
+from tests.servers import CLK_TCK, REPO
 
 PY_SPY = Path(sys.executable).with_name("py-spy")
 LINE_NO = re.compile(r":\d+\)$")

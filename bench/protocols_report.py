@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import server
 from bench.protocols import PROTOCOLS
 from bench.report import n, table
+from tests import servers as server
 
 CONCURRENCY = 64
 IMAGES_PER_REQUEST = (1, 128)

@@ -30,9 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import openloop, protocols_report, report, server, stores
+from bench import openloop, protocols_report, report, stores
 from bench.mnist import IMAGES, MNIST_DIR
-from bench.server import REPO
+from tests import servers as server
+from tests.servers import REPO
 
 DIGIT_CONCURRENCY = (1, 16, 64)
 BATCH_IMAGES = 128

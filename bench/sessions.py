@@ -45,13 +45,14 @@ from typing import Any
 
 import uvloop
 
-from bench import openloop, server
+from bench import openloop
 from bench.ab import parse_config
 from bench.loadgen import percentile
-from bench.redis_server import RedisServer
-from bench.server import proc_cpu_seconds, self_cpu_seconds
 from bench.stores import children
 from bench.wire import ws_frame
+from tests import servers as server
+from tests.redis_server import RedisServer
+from tests.servers import proc_cpu_seconds, self_cpu_seconds
 
 PER_ADDRESS = 50  # sessions per client address (the service allows 64 connections, 500 sessions)
 PER_NETWORK = 200  # sessions per IPv4 /24 (the service will allow 256 connections)

@@ -43,16 +43,6 @@ import orjson
 from websockets.exceptions import ConnectionClosed
 
 from app.core.config import Settings
-from bench import server as srv
-from bench.attacks import (
-    NeverReader,
-    Refused,
-    churn,
-    closed_reason,
-    hoard,
-    open_session,
-    resume_url,
-)
 from bench.attacks_round2 import (
     MODEL,
     digit_strings_body,
@@ -60,6 +50,16 @@ from bench.attacks_round2 import (
     post,
     v2_inputs_body,
     v2_shape_body,
+)
+from tests import servers as srv
+from tests.echo_attacks import (
+    NeverReader,
+    Refused,
+    churn,
+    closed_reason,
+    hoard,
+    open_session,
+    resume_url,
 )
 
 VICTIM = "127.0.0.2"

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.stores [--rounds 3] [--duration 5] [--out bench/results]
 
-Starts a real ``redis-server`` (``bench/redis_server.py``) and three servers that stay up for the
+Starts a real ``redis-server`` (``tests/redis_server.py``) and three servers that stay up for the
 whole run: ``memory`` (``ECHO_STORE_URL=memory://``), ``redis`` and ``redis-2w``
 (``WEB_CONCURRENCY=2``). Every round drives each in turn with ``bench.loadgen`` (1-bit messages,
 closed loop, 200 and 1,000 sessions), so drifts of a shared machine hit all alike. Reports
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import server
-from bench.redis_server import running_redis
+from tests import servers as server
+from tests.redis_server import running_redis
 
 SESSIONS = (200, 1000)
 TICK = os.sysconf("SC_CLK_TCK")

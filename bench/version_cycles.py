@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import server
+from tests import servers as server
 
 SHIPPED = server.REPO / "models"
 MODELS = ("mnist_lstm", "echo_rnn")

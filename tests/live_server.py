@@ -2,10 +2,10 @@
 
 Loaded as a pytest plugin (see ``addopts`` in pyproject.toml): the session-wide ``live_server``
 fixture serves the shipped models; ``start_server(...)`` starts extra ones with other settings.
-Starting, waiting for /livez and /readyz and stopping belong to ``bench/server.py``, which the
+Starting, waiting for /livez and /readyz and stopping belong to ``tests/servers.py``, which the
 benchmarks use too; this module adds the tests' defaults, the fixture and ``wait_until``.
 
-``redis`` is a real ``redis-server`` (``bench/redis_server.py``) for the whole session, and
+``redis`` is a real ``redis-server`` (``tests/redis_server.py``) for the whole session, and
 ``live_redis_server`` the service with its echo sessions in it (``ECHO_STORE_URL``).
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.redis_server import RedisServer, running_redis
-from bench.server import REPO, SERVER_COMMAND, free_port, running
-from bench.server import Server as LiveServer
+from tests.redis_server import RedisServer, running_redis
+from tests.servers import REPO, SERVER_COMMAND, free_port, running
+from tests.servers import Server as LiveServer
 
 __all__ = [
     "REPO",
@@ -61,7 +61,7 @@ def start_server(
     nofile: int | None = None,
 ) -> Iterator[LiveServer]:
     """Run ``python -m app`` with the service's defaults and ``env`` added to the environment;
-    stop it afterwards (``bench.server.running`` with ``bench=False``).
+    stop it afterwards (``tests.servers.running`` with ``bench=False``).
 
     ``port``: listen there (e.g. to restart a server where clients expect it), else a free one.
     """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import server
+from tests import servers as server
 from tests.live_server import REPO
 
 pytestmark = pytest.mark.slow

@@ -30,8 +30,8 @@ import httpx
 import pytest
 
 from app.schemas.digits import EXAMPLE_IMAGE
-from bench.redis_server import running_redis
 from tests.live_server import REPO, LiveServer, RedisServer, free_port, start_server, wait_until
+from tests.redis_server import running_redis
 
 pytestmark = pytest.mark.slow
 

@@ -28,8 +28,8 @@ from app.core.errors import Conflict, LeaseLost, ServiceError
 from app.services.echo_service import EchoService
 from app.services.models import EchoModel
 from app.services.redis_sessions import RedisSessions
-from bench.redis_server import RedisServer, running_redis
 from tests.live_server import LiveServer, start_server
+from tests.redis_server import RedisServer, running_redis
 from tests.test_api_echo import resume_query, send_bits
 from tests.test_echo_core import echo_model, service, stream
 from tests.test_echo_redis import FAST_FAILOVER, messages, resume, same, unbroken

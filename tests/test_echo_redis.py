@@ -26,8 +26,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.core.errors import Conflict
 from app.services.redis_sessions import RedisSessions, Step
-from bench.redis_server import RedisServer, running_redis
 from tests.live_server import LiveServer, start_server, wait_until
+from tests.redis_server import RedisServer, running_redis
 from tests.test_api_echo import refusal, resume_query, send_bits, session
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.attacks import (
+from tests.echo_attacks import (
     NeverReader,
     Refused,
     churn,

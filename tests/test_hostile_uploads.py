@@ -1,6 +1,6 @@
 """Hostile uploads against a real server: each one's memory and CPU are bounded (issue 9).
 
-Every case of ``bench/hostile_images.py`` (strips, the largest pictures the limits admit in each
+Every case of ``tests/hostile_images.py`` (strips, the largest pictures the limits admit in each
 format, bombs just over them) is uploaded to a server of its own; the server's peak RSS
 (``/proc/<pid>/status``) and CPU time (``/proc/<pid>/stat``) are read around it. Excess
 concurrent uploads get 503 + ``Retry-After`` while another client is still served.
@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.hostile_images import CASES, TARGET_CPU_S, TARGET_PEAK_BYTES, Case, digit, save
+from tests.hostile_images import CASES, TARGET_CPU_S, TARGET_PEAK_BYTES, Case, digit, save
 from tests.live_server import LiveServer, start_server
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """Uploaded pictures → model input, at most ``limit`` at once (``MAX_CONCURRENT_UPLOADS``).
 
-Decoding a picture costs up to ~80 MB and ~0.4 s of CPU (``bench/hostile_images.py``), so the
+Decoding a picture costs up to ~80 MB and ~0.4 s of CPU (``tests/hostile_images.py``), so the
 number decoded at once is bounded: the next upload is refused at once with ``Overloaded``
 (``too_many_uploads``, HTTP 503 with ``Retry-After``) instead of queueing memory. Decoding runs in
 the limiter's own threads, and a slot is freed only when the decoding has really finished, even

@@ -1,6 +1,6 @@
 """Worst-case uploads for the bounded decoder: peak memory and CPU of each, one process per case.
 
-    .venv/bin/python -m bench.hostile_images [--check] [--only NAME ...]
+    .venv/bin/python -m tests.hostile_images [--check] [--only NAME ...]
 
 Every case is built here (each fits the default 4 MiB body limit): strips, the largest pictures
 the limits admit in each format and mode (RGBA with an EXIF rotation, 16-bit, palette with
@@ -295,7 +295,7 @@ def measure(data: bytes) -> dict[str, object]:
         f.write(data)
         f.flush()
         out = subprocess.run(
-            [sys.executable, "-m", "bench.hostile_images", "--child", f.name],
+            [sys.executable, "-m", "tests.hostile_images", "--child", f.name],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.server import free_port
+from tests.servers import free_port
 
 
 def redis_executable() -> str:
