@@ -11,8 +11,10 @@ The server is ``python -m app`` with small idle/send timeouts, so each attack cy
 
 The round-2 attacks of issue #21 (``bench/attacks_round2.py`` runs each at full size) loop here
 at a modest rate: resumes with ``last_seq=²`` (the session must stay resumable), huge JSON bodies
-and non-ASCII versions (each a 4xx), 20 never-reading pipeliners. Holding every connection of a
-/24 is not among them: the well-behaved client shares 127.0.0.0/24 with the attackers.
+and non-ASCII versions (each a 4xx), 20 never-reading pipeliners. Issue #22's hostile view loops
+too: 1,000 idle sessions held from 20 addresses in 5 other /24 networks (``many_holders``).
+Holding every connection of a /24 is not among them: the well-behaved client shares
+127.0.0.0/24 with the attackers.
 
 The server's RSS and open file descriptors are sampled every second. *Flat* means: after the
 warm-up (the first 10 % of phase 2, at least 10 s), the median of the last quarter of samples is
@@ -123,6 +125,21 @@ async def attack_hoard(soak: Soak) -> None:
         soak.counts["hoard_refused"] += sum(refused.values())
         closes = await asyncio.gather(*(closed_reason(ws, 120) for ws, _ in held))
         soak.counts["hoard_idle_closed"] += sum(r.startswith("idle_timeout") for _, r in closes)
+        await asyncio.gather(*(ws.close() for ws, _ in held))
+
+
+async def attack_many_holders(soak: Soak) -> None:
+    """Hold 1,000 idle sessions from 20 addresses in 5 other /24 networks (50 each, under every
+    per-address and per-network cap), again after each idle close (issue #22: held connections
+    must not make anyone else's connect or message slower; the well-behaved client's latency
+    is the figure)."""
+    sources = [f"127.0.{10 + i // 4}.{1 + i % 4}" for i in range(20)]
+    while not soak.stop.is_set():
+        results = await asyncio.gather(*(hoard(soak.url, source, 50) for source in sources))
+        held = [pair for pairs, _ in results for pair in pairs]
+        soak.counts["many_held"] += len(held)
+        soak.counts["many_refused"] += sum(sum(refused.values()) for _, refused in results)
+        await asyncio.gather(*(closed_reason(ws, 120) for ws, _ in held))
         await asyncio.gather(*(ws.close() for ws, _ in held))
 
 
@@ -299,6 +316,7 @@ async def attack_pipeline(soak: Soak) -> None:
 ATTACKS: dict[str, Callable[[Soak], Awaitable[None]]] = {
     "churn": attack_churn,
     "hoard": attack_hoard,
+    "many_holders": attack_many_holders,
     "never_read": attack_never_read,
     "oversized": attack_oversized,
     "bad_json": attack_bad_json,
