@@ -528,12 +528,8 @@ async def _echo_resume(url: str, addresses: int, each: int, deadline_s: float) -
         if time.monotonic() > stop_at:
             break
 
-    new_after = "admitted"
-    try:
-        ws, _ = await open_session(url, VICTIM)
-        await ws.close()
-    except Refused as exc:
-        new_after = f"refused {exc.code} {exc.reason[:60]}"
+    # Resumable first: at the session cap a new session evicts the least recently used
+    # detached one (by design), which may be one of these.
     resumable: Counter[str] = Counter()
     for _, frame in samples:
         try:
@@ -542,6 +538,12 @@ async def _echo_resume(url: str, addresses: int, each: int, deadline_s: float) -
             resumable["resumed" if got.get("resumed") else "not resumed"] += 1
         except Refused as exc:
             resumable[f"refused {exc.code} {exc.error}"] += 1
+    new_after = "admitted"
+    try:
+        ws, _ = await open_session(url, VICTIM)
+        await ws.close()
+    except Refused as exc:
+        new_after = f"refused {exc.code} {exc.reason[:60]}"
     return {
         "addresses": addresses,
         "sessions_opened": dict(opened),

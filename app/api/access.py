@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
+from starlette.datastructures import Headers, QueryParams
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -104,8 +105,8 @@ class AccessGuard:
                 code="origin_not_allowed",
             )
         if self.keys and not is_public(scope["path"]):
-            query = scope.get("query_string", b"").decode("latin-1")
-            presented = _bearer(scope) or dict(parse_qsl(query)).get("access_token")
+            query = QueryParams(scope.get("query_string", b""))
+            presented = _bearer(scope) or query.get("access_token")
             if not self.keys.check(presented):
                 return _unauthorized()
         return None
@@ -142,10 +143,7 @@ def _unauthorized() -> Unauthorized:
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
+    return Headers(scope=scope).get(name.decode("latin-1"))
 
 
 def _bearer(scope: Scope) -> str | None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.routing import BaseRoute
@@ -79,17 +79,16 @@ def requested_version(scope: Scope) -> int | None:
     query = scope.get("query_string", b"")
     if b"version" not in query:
         return None
-    values = parse_qs(query.decode("latin-1")).get("version")
+    values = QueryParams(query).getlist("version")
     if not values:
         return None
     return parse_version(values[-1])
 
 
 def content_type(scope: Scope) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower()
-    return b""
+    """The request's media type (no parameters), lower case; empty if none was sent."""
+    value = Headers(scope=scope).get("content-type", "")
+    return value.split(";", 1)[0].strip().lower().encode("latin-1")
 
 
 def is_json(ctype: bytes) -> bool:
