@@ -35,6 +35,7 @@ Errors: ``NotFound``, ``Forbidden``, ``Conflict`` (``session_in_use``, with when
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -45,13 +46,17 @@ from typing import NamedTuple
 
 import numpy as np
 import redis.asyncio as redis
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError
 
 from app.core.config import Settings
 from app.core.errors import Conflict, Forbidden, NotFound, StoreUnavailable
 from app.core.metrics import ECHO_STORE_ERRORS, ECHO_STORE_SECONDS
 from app.services.echo_replies import reply_seq
+from app.services.redis_urls import SentinelUrl, is_sentinel_url, parse_sentinel_url
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +188,16 @@ class RedisSessions:
         timeout_s: float,
         attached_ttl_s: float | None = None,
         prefix: str = "rnn:echo:",
+        min_replicas: int = 0,
     ) -> None:
         self.ttl_ms, self.lease_ms = int(ttl_s * 1000), int(lease_s * 1000)
         self.attached_ttl_ms = int(max(ttl_s, attached_ttl_s or 0) * 1000)
         self.replies, self.prefix = replies, prefix
+        # Writes that must survive a failover are answered only once this many replicas hold
+        # them (WAIT, pipelined with the script); WAIT gives up after half the command timeout.
+        self.min_replicas = min_replicas
+        self.wait_ms = max(int(timeout_s * 500), 1)
+        self.short: str | None = None  # why the last replicated write fell short, if it did
         self.owner = secrets.token_urlsafe(12)  # this process, this start
         self.owner_key = f"{prefix}o:{self.owner}"
         # Called when a script finds the owner key lapsed, before it is retried once: by default
@@ -194,8 +205,7 @@ class RedisSessions:
         self.on_lapse: Callable[[], Awaitable[object]] = self.keep_owner
         # At most 64 connections; a command finding them all busy (a burst of handshakes) waits
         # for one up to the command timeout instead of failing at once ("Too many connections").
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
+        options = dict(
             max_connections=64,
             timeout=timeout_s,
             socket_timeout=timeout_s,
@@ -203,6 +213,11 @@ class RedisSessions:
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),  # a connection reset
             health_check_interval=5,
         )
+        self.sentinel: Sentinel | None = None
+        if is_sentinel_url(url):
+            pool = self._sentinel_pool(parse_sentinel_url(url), options)
+        else:
+            pool = redis.BlockingConnectionPool.from_url(url, **options)
         self.client = redis.Redis.from_pool(pool)  # closing the client closes the pool
         self.error: str | None = None  # why the last command failed; None once one succeeded
         self._scripts = {
@@ -222,8 +237,11 @@ class RedisSessions:
         url = settings.echo_store_url.get_secret_value()
         if url.startswith("memory://"):
             return None
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("ECHO_STORE_URL must be memory://, redis://, rediss:// or unix://")
+        if not url.startswith(("redis://", "rediss://", "unix://")) and not is_sentinel_url(url):
+            raise ValueError(
+                "ECHO_STORE_URL must be memory://, redis://, rediss://, unix://, "
+                "redis+sentinel:// or rediss+sentinel://"
+            )
         return cls(
             url,
             ttl_s=settings.echo_session_ttl_s,
@@ -232,10 +250,29 @@ class RedisSessions:
             connect_timeout_s=settings.echo_store_connect_timeout_s,
             timeout_s=settings.echo_store_timeout_s,
             attached_ttl_s=settings.echo_idle_timeout_s + IDLE_CLOSE_SLACK_S,
+            min_replicas=settings.echo_store_min_replicas,
+        )
+
+    def _sentinel_pool(self, url: SentinelUrl, options: dict) -> SentinelConnectionPool:
+        """A pool whose connections go to the primary the Sentinels name, asking them again
+        whenever a connection fails or the server it reached answers READONLY (demoted)."""
+        sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
+        if url.tls:
+            sentinel_options["ssl"] = True
+        self.sentinel = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_options)
+        return _BlockingSentinelPool(
+            url.master,
+            self.sentinel,
+            db=url.db,
+            username=url.username,
+            password=url.password,
+            ssl=url.tls,
+            **options,
         )
 
     def status(self) -> str:
-        return "ok" if self.error is None else f"unavailable: {self.error}"
+        error = self.error or self.short
+        return "ok" if error is None else f"unavailable: {error}"
 
     async def ping(self) -> bool:
         try:
@@ -246,6 +283,8 @@ class RedisSessions:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.sentinel is not None:
+            await self.sentinel.aclose()
 
     async def keep_owner(self) -> bool:
         """Renew this process's owner key (one command); False if it had lapsed meanwhile.
@@ -279,7 +318,14 @@ class RedisSessions:
         """Attach: check the token, take the session (a new fence), read it back."""
         keys = [self._key(session_id), self._legacy_lease(session_id), self.owner_key]
         args = [token_hash(token), self.attached_ttl_ms, self.owner, f"{self.prefix}o:"]
-        answer = await self._scripted("acquire", keys, args)
+        try:
+            answer = await self._scripted("acquire", keys, args)
+        except NotReplicated as exc:  # attached, but a failover could forget this fence: let
+            # it go (a promoted replica that lacks it may hand the same fence out again)
+            if isinstance(exc.answer, list) and exc.answer[0] == b"ok":
+                with contextlib.suppress(StoreUnavailable):
+                    await self.release([(session_id, int(exc.answer[1]))])
+            raise
         outcome = answer[0].decode()
         if outcome == "not_found":
             raise NotFound("unknown or expired session_id", "session_not_found")
@@ -308,7 +354,7 @@ class RedisSessions:
             keys.append(self._key(s.session_id))
             field = b"" if s.reply is None else b"r%d" % (s.seq % self.replies)
             args += [s.fence, s.state, s.seq, field, s.reply or b""]
-        stored = await self._run("commit", self._scripts["commit"](keys, args))
+        stored = await self._write("commit", keys, args)
         return [bool(x) for x in stored]
 
     async def reclaim(self, leases: list[tuple[str, int]]) -> list[bool]:
@@ -330,15 +376,56 @@ class RedisSessions:
     async def _scripted(self, op: str, keys: list, args: list):
         """Run a script that needs this process's owner key alive; if it lapsed, renew it first
         (``on_lapse``) and run the script once more."""
-        answer = await self._run(op, self._scripts[op](keys, args))
+        answer = await self._write(op, keys, args)
         if _lapsed(answer):
             await self.on_lapse()
-            answer = await self._run(op, self._scripts[op](keys, args))
+            answer = await self._write(op, keys, args)
             if _lapsed(answer):
                 raise StoreUnavailable(
                     "the echo session store is catching up; retry shortly", retry_after_s=1.0
                 )
         return answer
+
+    async def _write(self, op: str, keys: list, args: list):
+        """Run script ``op``. With ``min_replicas``, WAIT for that many replicas in the same
+        round trip (a pipeline: WAIT cannot run inside a script); a write they did not all
+        acknowledge raises :class:`NotReplicated` (a ``StoreUnavailable``): it is on the primary,
+        but a failover now could lose it, so nothing may be answered on its strength."""
+        script = self._scripts[op]
+        if not self.min_replicas:
+            return await self._run(op, script(keys, args))
+        answer, acked = await self._run(op, self._waited(script, keys, args))
+        if acked >= self.min_replicas or not _wrote(answer):
+            if acked >= self.min_replicas and self.short is not None:
+                log.info("echo session store replicas are back", extra={"op": op})
+                self.short = None
+            return answer
+        ECHO_STORE_ERRORS.labels(op).inc()
+        if self.short is None:
+            log.warning(
+                "echo session store: write not replicated",
+                extra={"op": op, "replicas": acked, "wanted": self.min_replicas},
+            )
+        self.short = f"{acked} of {self.min_replicas} replicas acknowledged a write"
+        raise NotReplicated(answer)
+
+    async def _waited(self, script, keys: list, args: list) -> tuple[object, int]:
+        """EVALSHA and WAIT pipelined on one connection (WAIT counts the replicas holding
+        everything that connection wrote); loads the script if the server lacks it (a promoted
+        replica's script cache starts empty)."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.min_replicas, self.wait_ms)
+            answer, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(answer, NoScriptError) and attempt == 0:
+                await self.client.script_load(script.script)
+                continue
+            for result in (answer, acked):
+                if isinstance(result, Exception):
+                    raise result
+            return answer, int(acked)
+        raise AssertionError("unreachable")
 
     async def _run(self, op: str, call):
         started = time.perf_counter()
@@ -364,6 +451,30 @@ class RedisSessions:
     def _legacy_lease(self, session_id: str) -> str:
         """The per-session lease key of earlier versions, honoured while they still run."""
         return f"{self.prefix}l:{session_id}"
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (connections to whichever server is the primary now) with the blocking
+    pool's bound: at most ``max_connections``, a command waits ``timeout`` for a free one."""
+
+
+class NotReplicated(StoreUnavailable):
+    """A write fewer than ``ECHO_STORE_MIN_REPLICAS`` replicas acknowledged in time."""
+
+    def __init__(self, answer: object) -> None:
+        super().__init__(
+            "the echo session store could not replicate a write; retry shortly", retry_after_s=1.0
+        )
+        self.answer = answer
+
+
+def _wrote(answer: object) -> bool:
+    """Whether a script's answer says it wrote something (create, acquire, commit)."""
+    if answer == 1:
+        return True
+    if isinstance(answer, list) and answer:
+        return answer[0] == b"ok" or any(x == 1 for x in answer)
+    return False
 
 
 def _lapsed(answer: object) -> bool:
