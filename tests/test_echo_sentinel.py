@@ -11,7 +11,11 @@ state read back from the new primary is what the clients were told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -19,10 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
 
 from app.core.errors import StoreUnavailable
+from app.services.echo_replies import unpack_reply
 from app.services.redis_sessions import RedisSessions, Step
+from tests.live_server import LiveServer, start_server, wait_until
 from tests.redis_cluster import RedisCluster, running_cluster
+from tests.test_api_echo import refusal, resume_query, send_bits, session
+from tests.test_echo_redis import messages, same, unbroken
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +114,184 @@ def test_writes_wait_for_replicas_and_follow_a_failover(cluster: RedisCluster) -
             await s.close()
 
     asyncio.run(scenario())
+
+
+def test_a_server_on_a_sentinel_url_serves_and_resumes(
+    cluster: RedisCluster, tmp_path: Path
+) -> None:
+    msgs = messages(3, 20)
+    with start_server(tmp_path, {"ECHO_STORE_URL": cluster.url, **FAST}) as server:
+        want = unbroken(server, msgs)
+        with session(server) as (ws, frame):
+            got = [send_bits(ws, m) for m in msgs[:10]]
+        ws, again = reattach(server, frame, last_seq=10)
+        with ws:
+            assert again["resumed"] and again["seq"] == 10
+            got += [send_bits(ws, m) for m in msgs[10:]]
+        same(got, want)
+        with closing(cluster.client(cluster.primary_port())) as r:
+            assert int(r.hget(f"rnn:echo:s:{frame['session_id']}", "seq")) == 20
+    assert PASSWORD not in server.log_text() and "Traceback" not in server.log_text()
+
+
+def test_no_replica_no_answer(cluster: RedisCluster, tmp_path: Path) -> None:
+    """``ECHO_STORE_MIN_REPLICAS=1`` and both replicas stopped: a step is refused
+    (``store_unavailable``, 1013), and so is a new session; once they are back the session
+    resumes with ``last_seq`` and gets every reply exactly once."""
+    msgs = messages(9, 12)
+    env = {"ECHO_STORE_URL": cluster.url, "ECHO_STORE_MIN_REPLICAS": "1", **FAST}
+    with start_server(tmp_path, env) as server:
+        want = unbroken(server, msgs)
+        primary = cluster.primary_port()
+        replicas = [n for n in cluster.data if n.port != primary]
+        with session(server) as (ws, frame):
+            got = [send_bits(ws, m) for m in msgs[:5]]
+            for node in replicas:
+                node.stop()
+            ws.send(json.dumps({"bits": msgs[5]}))
+            error = json.loads(ws.recv(timeout=10))
+            assert (error["type"], error["code"]) == ("error", "store_unavailable")
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+            assert ws.close_code == 1013
+        code, reason = refusal(server)
+        assert (code, reason.split(":")[0]) == (1013, "store_unavailable")
+        for node in replicas:
+            node.start()
+        cluster.wait_synced()
+        ws, again = reattach(server, frame, last_seq=5)
+        with ws:
+            # the refused step is on the primary (never answered): it is sent now, once
+            assert again["seq"] in (5, 6)
+            got += [json.loads(ws.recv(timeout=10)) for _ in range(again["seq"] - 5)]
+            got += [send_bits(ws, m) for m in msgs[again["seq"] :]]
+        same(got, want)
+    assert PASSWORD not in server.log_text() and "Traceback" not in server.log_text()
+
+
+def reattach(
+    server: LiveServer, frame: dict, last_seq: int, patience: float = 30.0
+) -> tuple[ClientConnection, dict]:
+    """Resume ``frame``'s session with ``last_seq``, retrying while it is in use elsewhere or
+    the store is unavailable (a failover under way), as a client should."""
+    url = f"{server.ws_url}/echo{resume_query(frame)}&last_seq={last_seq}"
+    deadline = time.monotonic() + patience
+    while True:
+        reason = ""
+        try:
+            ws = connect(url, proxy=None, compression=None, open_timeout=10)
+        except (OSError, InvalidStatus) as exc:
+            reason = f"store_unavailable ({exc})"
+        else:
+            try:
+                return ws, json.loads(ws.recv(timeout=10))
+            except ConnectionClosed:
+                reason = ws.close_reason or ""
+                ws.close()
+        if not reason.startswith(RETRIED) or time.monotonic() > deadline:
+            raise AssertionError(f"resume failed: {reason}")
+        time.sleep(0.2)
+
+
+N_STREAMS = int(os.environ.get("SENTINEL_STREAMS", "40"))  # the issue's done-when: 40
+
+
+def test_sigkill_the_primary_mid_stream_loses_no_answered_step(
+    cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """``N_STREAMS`` sessions stream to two servers (``ECHO_STORE_MIN_REPLICAS=1``) while the
+    Redis primary is SIGKILLed. Each resumes (on the other server, ``last_seq``, retrying
+    ``store_unavailable`` / ``session_in_use`` while the Sentinels promote a replica): every
+    reply arrives exactly once and equals an unbroken stream's; the state read back from the
+    promoted primary is what the clients were told."""
+    n_msgs = 30
+    plans = {k: messages(200 + k, n_msgs) for k in range(N_STREAMS)}
+    env = {"ECHO_STORE_URL": cluster.url, "ECHO_STORE_MIN_REPLICAS": "1", **FAST}
+    with (
+        start_server(tmp_path / "a", env) as a,
+        start_server(tmp_path / "b", env) as b,
+    ):
+        servers = [a, b]
+        received: dict[int, list[dict]] = {k: [] for k in plans}
+        breaks: dict[int, int] = dict.fromkeys(plans, 0)
+        replayed: list[int] = []
+        frames: dict[int, dict] = {}
+        errors: list[BaseException] = []
+        started = threading.Barrier(N_STREAMS + 1)
+        killed = threading.Event()
+
+        def client(k: int) -> None:
+            try:
+                server = servers[k % 2]
+                ws = connect(f"{server.ws_url}/echo", proxy=None, compression=None)
+                frames[k] = json.loads(ws.recv(timeout=10))
+                started.wait(60)
+                while True:
+                    with contextlib.suppress(ConnectionClosed), ws:
+                        for m in plans[k][len(received[k]) :]:
+                            ws.send(json.dumps({"bits": m}))
+                            reply = json.loads(ws.recv(timeout=10))
+                            if reply["type"] != "echo":  # store_unavailable, then a close
+                                assert reply["code"] in RETRIED, reply
+                                break
+                            received[k].append(reply)
+                            if not killed.is_set():
+                                time.sleep(0.01)
+                    if len(received[k]) == n_msgs:
+                        return
+                    breaks[k] += 1
+                    server = servers[(k + breaks[k]) % 2]  # resume on the other one
+                    last = len(received[k])
+                    ws, frame = reattach(server, frames[k], last_seq=last, patience=60)
+                    assert frame["resumed"] and frame["seq"] >= last, (frame, last)  # none lost
+                    replayed.append(frame["seq"] - last)
+                    for _ in range(frame["seq"] - last):  # stored, never received: sent now
+                        received[k].append(json.loads(ws.recv(timeout=10)))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in plans]
+        for t in threads:
+            t.start()
+        started.wait(60)
+        wait_until(lambda: min(len(r) for r in received.values()) >= 5, 60, "5 replies each")
+        primary = cluster.primary_port()
+        cluster.node(primary).stop(signal.SIGKILL)
+        killed.set()
+        failed_over = time.monotonic()
+        for t in threads:
+            t.join(120)
+        promoted = cluster.wait_failover(primary)
+        assert not errors, errors[:3]
+        assert all(len(r) == n_msgs for r in received.values())
+        assert sum(breaks.values()) > 0, "no stream saw the failover"
+        for k in plans:
+            assert [r["seq"] for r in received[k]] == list(range(1, n_msgs + 1))  # exactly once
+        print(
+            f"{N_STREAMS} streams, {sum(breaks.values())} resumes, {sum(replayed)} replies "
+            f"replayed, all done "
+            f"{time.monotonic() - failed_over:.1f} s after the kill"
+        )
+
+        references = {}
+        for k in plans:
+            with session(a) as (ws, frame):
+                references[k] = (frame, [send_bits(ws, m) for m in plans[k]])
+            same(received[k], references[k][1])
+
+        # Read back from the promoted primary: what the clients were told is what is stored.
+        with closing(cluster.client(promoted)) as r:
+            for k in plans:
+                row = r.hgetall(f"rnn:echo:s:{frames[k]['session_id']}")
+                ref = r.hgetall(f"rnn:echo:s:{references[k][0]['session_id']}")
+                assert int(row[b"seq"]) == n_msgs and int(row[b"fence"]) >= 1 + breaks[k]
+                state = np.frombuffer(row[b"st"], np.float32)
+                assert np.allclose(state, np.frombuffer(ref[b"st"], np.float32), atol=1e-5)
+                kept = [unpack_reply(v) for f, v in row.items() if f.startswith(b"r")]
+                for seq, probs, bits in kept:  # the last replies, as the client got them
+                    told = received[k][seq - 1]
+                    assert seq > n_msgs - 4 and bits.tolist() == told["bits"]
+                    assert np.allclose(probs, told["probabilities"], atol=1e-5)
+        assert len(kept) == 4
+    for server in servers:
+        assert PASSWORD not in server.log_text() and "Traceback" not in server.log_text()
