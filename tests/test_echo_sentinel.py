@@ -26,7 +26,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from app.core.errors import StoreUnavailable
+from app.core.errors import Conflict, StoreUnavailable
 from app.services.echo_replies import unpack_reply
 from app.services.redis_sessions import RedisSessions, Step
 from tests.live_server import LiveServer, start_server, wait_until
@@ -114,6 +114,60 @@ def test_writes_wait_for_replicas_and_follow_a_failover(cluster: RedisCluster) -
             await s.close()
 
     asyncio.run(scenario())
+
+
+def test_owner_keys_and_fences_across_a_failover(cluster: RedisCluster) -> None:
+    """A promoted replica may lack this process's latest owner-key renewal (the key is gone
+    there): its sessions look free, another process may take one (a new fence, replicated),
+    and from then on only that process can write it. The first renewal on the new primary
+    reports the lapse; the reclaim keeps the sessions nobody took and gives up the others."""
+
+    async def scenario() -> None:
+        a, b = store(cluster), store(cluster)
+        zeros = np.zeros(4, np.float32)
+        try:
+            for s in (a, b):
+                assert not await s.keep_owner()  # the first renewal finds no key: no sessions
+            await a.create("s1", "tok", zeros, 1)
+            await a.create("s2", "tok", zeros, 1)
+            one = [Step(k, 1, np.ones(4, np.float32).tobytes(), 1, b"r1") for k in ("s1", "s2")]
+            assert await a.commit(one) == [True, True]
+
+            primary = cluster.primary_port()
+            cluster.node(primary).stop(signal.SIGKILL)
+            promoted = cluster.wait_failover(primary)
+            with closing(cluster.client(promoted)) as r:
+                assert int(r.hget("rnn:echo:s:s1", "seq")) == 1  # acknowledged: replicated
+                r.delete(a.owner_key)  # a's last renewal never reached this replica
+            taken = await retried(lambda: b.acquire("s2", "tok"))
+            assert (taken.fence, taken.seq) == (2, 1)
+            two = [Step(k, 1, np.full(4, 2, np.float32).tobytes(), 2, b"r2") for k in ("s1", "s2")]
+            assert await a.commit(two) == [True, False]  # s2 is b's now: a is fenced off
+            assert not await a.keep_owner()  # the lapse, seen on the first renewal
+            assert await a.reclaim([("s1", 1), ("s2", 1)]) == [True, False]
+            with pytest.raises(Conflict):
+                await b.acquire("s1", "tok")  # a holds s1 again
+            with closing(cluster.client(promoted)) as r:
+                s1, s2 = r.hgetall("rnn:echo:s:s1"), r.hgetall("rnn:echo:s:s2")
+            assert (s1[b"own"], s1[b"fence"], s1[b"seq"]) == (a.owner.encode(), b"1", b"2")
+            assert (s2[b"own"], s2[b"fence"], s2[b"seq"]) == (b.owner.encode(), b"2", b"1")
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+async def retried(call, timeout: float = 30.0):
+    """``call()`` again while the store is unavailable (a failover under way)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def test_a_server_on_a_sentinel_url_serves_and_resumes(
