@@ -28,7 +28,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.core.errors import Conflict, StoreUnavailable
 from app.services.echo_replies import unpack_reply
-from app.services.redis_sessions import RedisSessions, Step
+from app.services.redis_sessions import NotReplicated, RedisSessions, Step
 from tests.live_server import LiveServer, start_server, wait_until
 from tests.redis_cluster import RedisCluster, running_cluster
 from tests.test_api_echo import refusal, resume_query, send_bits, session
@@ -70,6 +70,7 @@ def test_writes_wait_for_replicas_and_follow_a_failover(cluster: RedisCluster) -
             await s.create("a", "tok", np.zeros(4, np.float32), 1)
             ok = Step("a", 1, np.ones(4, np.float32).tobytes(), 1, b"r1")
             assert await s.commit([ok]) == [True]
+            await s.release([("a", 1)])
             assert s.status() == "ok"
 
             primary = cluster.primary_port()
@@ -82,15 +83,15 @@ def test_writes_wait_for_replicas_and_follow_a_failover(cluster: RedisCluster) -
             assert s.status().startswith("unavailable: 0 of 1 replicas")
             with pytest.raises(StoreUnavailable):
                 await s.create("b", "tok", np.zeros(4, np.float32), 1)
-            await s.release([("a", 1)])
+            with pytest.raises(NotReplicated) as caught:
+                await s.acquire("a", "tok")  # attached on the primary only: to give back
+            assert caught.value.fence == 2
             with pytest.raises(StoreUnavailable):
-                await s.acquire("a", "tok")  # attached, not replicated: given back at once
-            with closing(cluster.client(primary)) as r:
-                row = r.hgetall("rnn:echo:s:a")
-            assert b"own" not in row and row[b"fence"] == b"2"
+                await s.release([("a", 2)])  # not replicated either (the service retries)
             for node in replicas:
                 node.start()
             cluster.wait_synced()
+            await s.release([("a", 2)])
             taken = await s.acquire("a", "tok")
             assert (taken.fence, taken.seq) == (3, 2)  # the unacknowledged step was kept
 

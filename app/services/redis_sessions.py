@@ -35,7 +35,6 @@ Errors: ``NotFound``, ``Forbidden``, ``Conflict`` (``session_in_use``, with when
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import secrets
@@ -320,11 +319,10 @@ class RedisSessions:
         args = [token_hash(token), self.attached_ttl_ms, self.owner, f"{self.prefix}o:"]
         try:
             answer = await self._scripted("acquire", keys, args)
-        except NotReplicated as exc:  # attached, but a failover could forget this fence: let
-            # it go (a promoted replica that lacks it may hand the same fence out again)
+        except NotReplicated as exc:  # attached on the primary, but a failover could forget
+            # this fence and hand it out again: the caller must give it back (exc.fence)
             if isinstance(exc.answer, list) and exc.answer[0] == b"ok":
-                with contextlib.suppress(StoreUnavailable):
-                    await self.release([(session_id, int(exc.answer[1]))])
+                exc.fence = int(exc.answer[1])
             raise
         outcome = answer[0].decode()
         if outcome == "not_found":
@@ -367,11 +365,12 @@ class RedisSessions:
 
     async def release(self, leases: list[tuple[str, int]]) -> None:
         """Give sessions up (detach, shutdown): they resume elsewhere at once, and stay
-        resumable ``ttl_s`` from now."""
+        resumable ``ttl_s`` from now. Replicated like a step (a promoted replica that lacked it
+        would keep the session in use by this live process, which no longer has it)."""
         if leases:
             keys = [self._key(session_id) for session_id, _ in leases]
             args = [self.ttl_ms, *(fence for _, fence in leases)]
-            await self._run("release", self._scripts["release"](keys, args))
+            await self._write("release", keys, args)
 
     async def _scripted(self, op: str, keys: list, args: list):
         """Run a script that needs this process's owner key alive; if it lapsed, renew it first
@@ -466,6 +465,7 @@ class NotReplicated(StoreUnavailable):
             "the echo session store could not replicate a write; retry shortly", retry_after_s=1.0
         )
         self.answer = answer
+        self.fence: int | None = None  # an attach's fence, to give back
 
 
 def _wrote(answer: object) -> bool:
