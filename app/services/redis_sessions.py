@@ -25,6 +25,15 @@ needs the owner key (create, attach) and finds it lapsed calls ``on_lapse`` firs
 renewal and check) and runs once more. The steps of one batched model call are stored by one
 script call (:meth:`RedisSessions.commit`), before any of them is answered.
 
+Redis behind Sentinel (``redis+sentinel://``, ``app.services.redis_urls``): the pool asks the
+Sentinels for the primary on every new connection, so a failover is followed without a restart.
+With ``ECHO_STORE_MIN_REPLICAS=N`` the writes whose loss a failover must not cause (create,
+attach, commit, release) are pipelined with ``WAIT N``; fewer acknowledgements raise
+:class:`NotReplicated` (a ``StoreUnavailable``) and nothing is answered on their strength. An
+attach's fence increment in particular: a promoted replica lacking it could give the same fence
+to another process. Owner-key renewals are not waited for: one missing on a promoted replica is
+a lapse, which the next renewal reports (then :meth:`RedisSessions.reclaim`, as above).
+
 The scripts read the holder's owner key by a name built from the hash, so the store needs one
 Redis (not Redis Cluster), as before. Earlier versions' per-session lease keys ``<prefix>l:<id>``
 are still honoured by attach, for rolling upgrades.
@@ -394,7 +403,7 @@ class RedisSessions:
         if not self.min_replicas:
             return await self._run(op, script(keys, args))
         answer, acked = await self._run(op, self._waited(script, keys, args))
-        if acked >= self.min_replicas or not _wrote(answer):
+        if acked >= self.min_replicas or not _wrote(op, answer):
             if acked >= self.min_replicas and self.short is not None:
                 log.info("echo session store replicas are back", extra={"op": op})
                 self.short = None
@@ -468,13 +477,15 @@ class NotReplicated(StoreUnavailable):
         self.fence: int | None = None  # an attach's fence, to give back
 
 
-def _wrote(answer: object) -> bool:
-    """Whether a script's answer says it wrote something (create, acquire, commit)."""
-    if answer == 1:
-        return True
-    if isinstance(answer, list) and answer:
-        return answer[0] == b"ok" or any(x == 1 for x in answer)
-    return False
+def _wrote(op: str, answer: object) -> bool:
+    """Whether a script's answer says it wrote something that must be replicated."""
+    if op == "create":
+        return answer == 1
+    if op == "acquire":
+        return isinstance(answer, list) and answer[0] == b"ok"
+    if op == "commit":
+        return isinstance(answer, list) and 1 in answer
+    return True  # release
 
 
 def _lapsed(answer: object) -> bool:
