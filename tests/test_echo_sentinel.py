@@ -171,6 +171,33 @@ async def retried(call, timeout: float = 30.0):
             await asyncio.sleep(0.2)
 
 
+def test_a_connection_that_reaches_a_replica_is_replaced(cluster: RedisCluster) -> None:
+    """A pooled connection to a server that is a replica now (a demoted primary) fails its
+    scripts with an error that only mentions READONLY; the store then drops its idle
+    connections, and the next command reaches the primary through the Sentinels."""
+
+    async def scenario() -> None:
+        s = store(cluster, min_replicas=0)
+        try:
+            await s.keep_owner()
+            await s.create("a", "tok", np.zeros(4, np.float32), 1)
+            pool = s.client.connection_pool
+            replica = next(n for n in cluster.data if n.port != cluster.primary_port())
+            for conn in list(pool._available_connections):  # as if the primary was demoted
+                await conn.disconnect()
+                await conn.connect_to(("127.0.0.1", replica.port))
+            step = Step("a", 1, np.ones(4, np.float32).tobytes(), 1, None)
+            with pytest.raises(StoreUnavailable):
+                await s.commit([step])
+            assert "READONLY" in s.status()
+            assert await s.commit([step]) == [True]
+            assert s.status() == "ok"
+        finally:
+            await s.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_server_on_a_sentinel_url_serves_and_resumes(
     cluster: RedisCluster, tmp_path: Path
 ) -> None:

@@ -44,6 +44,7 @@ Errors: ``NotFound``, ``Forbidden``, ``Conflict`` (``session_in_use``, with when
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -58,7 +59,7 @@ from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from app.core.config import Settings
 from app.core.errors import Conflict, Forbidden, NotFound, StoreUnavailable
@@ -444,6 +445,8 @@ class RedisSessions:
             if self.error is None:
                 log.warning("echo session store unavailable", extra={"op": op, "error": str(exc)})
             self.error = f"{type(exc).__name__}: {exc}"[:200]
+            if _demoted(exc):  # the server is a replica now: reconnect, asking the Sentinels
+                await self._drop_idle_connections()
             raise StoreUnavailable(
                 "the echo session store is unavailable; retry shortly", retry_after_s=1.0
             ) from exc
@@ -452,6 +455,14 @@ class RedisSessions:
             log.info("echo session store is back", extra={"op": op})
             self.error = None
         return result
+
+    async def _drop_idle_connections(self) -> None:
+        """A script that writes, run on a demoted primary, fails with an error that only
+        mentions READONLY (redis-py's Sentinel connections reconnect on a plain READONLY reply,
+        not on this one), and a pooled connection would go on reaching that server: drop the
+        idle ones (the failed one is back among them), so that the next connect asks again."""
+        with contextlib.suppress(Exception):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}s:{session_id}"
@@ -486,6 +497,15 @@ def _wrote(op: str, answer: object) -> bool:
     if op == "commit":
         return isinstance(answer, list) and 1 in answer
     return True  # release
+
+
+def _demoted(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server reached is a replica (it was demoted by a failover)."""
+    text = str(exc)
+    return isinstance(exc, ReadOnlyError) or (
+        isinstance(exc, ResponseError)
+        and ("READONLY" in text or "WAIT cannot be used with replica" in text)
+    )
 
 
 def _lapsed(answer: object) -> bool:
