@@ -318,7 +318,7 @@ def test_sigkill_the_primary_mid_stream_loses_no_answered_step(
                                 break
                             received[k].append(reply)
                             if not killed.is_set():
-                                time.sleep(0.01)
+                                time.sleep(0.02)
                     if len(received[k]) == n_msgs:
                         return
                     breaks[k] += 1
