@@ -91,3 +91,16 @@ def test_the_store_follows_sentinels_for_a_sentinel_url() -> None:
 def test_other_schemes_are_refused() -> None:
     with pytest.raises(ValueError, match="redis\\+sentinel://"):
         RedisSessions.from_settings(Settings(echo_store_url="http://h:1/m"))
+
+
+def test_rediss_sentinel_means_tls_to_sentinels_and_redis() -> None:
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.sentinel import SentinelManagedSSLConnection
+
+    url = "rediss+sentinel://:pw@127.0.0.1:1/mymaster"
+    store = RedisSessions.from_settings(Settings(echo_store_url=url))
+    assert store is not None and store.sentinel is not None
+    assert store.client.connection_pool.connection_class is SentinelManagedSSLConnection
+    for sentinel in store.sentinel.sentinels:
+        assert issubclass(sentinel.connection_pool.connection_class, SSLConnection)
+        assert sentinel.connection_pool.connection_kwargs.get("password") is None
