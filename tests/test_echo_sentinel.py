@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -238,6 +239,10 @@ def test_no_replica_no_answer(cluster: RedisCluster, tmp_path: Path) -> None:
             assert ws.close_code == 1013
         code, reason = refusal(server)
         assert (code, reason.split(":")[0]) == (1013, "store_unavailable")
+        ready = httpx.get(f"{server.base_url}/readyz").json()
+        assert ready["status"] == "degraded" and "replicas acknowledged" in ready["detail"]
+        store = httpx.get(f"{server.base_url}/v1/models").json()["echo_store"]
+        assert store["status"].startswith("unavailable: 0 of 1 replicas")
         for node in replicas:
             node.start()
         cluster.wait_synced()
