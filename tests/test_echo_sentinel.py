@@ -246,6 +246,12 @@ def test_no_replica_no_answer(cluster: RedisCluster, tmp_path: Path) -> None:
         for node in replicas:
             node.start()
         cluster.wait_synced()
+        wait_until(  # the lease keeper's renewals find the replicas back, with no session
+            lambda: httpx.get(f"{server.base_url}/readyz").json()["status"] == "ready",
+            15,
+            "readyz: ready",
+            server,
+        )
         ws, again = reattach(server, frame, last_seq=5)
         with ws:
             # the refused step is on the primary (never answered): it is sent now, once

@@ -301,9 +301,20 @@ class RedisSessions:
         While it lives, every session this process attached is in use; once it lapsed, any of
         them may have been taken over (:meth:`reclaim` tells which were not).
         """
-        previous = await self._run(
-            "renew", self.client.set(self.owner_key, 1, px=self.lease_ms, get=True)
-        )
+        if self.short is None:
+            previous = await self._run(
+                "renew", self.client.set(self.owner_key, 1, px=self.lease_ms, get=True)
+            )
+            return previous is not None
+        # Writes were not replicated lately: this renewal WAITs too, to find out when they are
+        # again (an idle server would stay "unavailable" until its next session otherwise).
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.owner_key, 1, px=self.lease_ms, get=True)
+        pipe.execute_command("WAIT", self.min_replicas, self.wait_ms)
+        previous, acked = await self._run("renew", pipe.execute())
+        if acked >= self.min_replicas:
+            log.info("echo session store replicas are back", extra={"op": "renew"})
+            self.short = None
         return previous is not None
 
     async def retire(self) -> None:
