@@ -5,7 +5,9 @@ the primary through the Sentinels and follows a failover without a restart; with
 ``ECHO_STORE_MIN_REPLICAS=1`` nothing is answered that a replica does not hold: with both
 replicas gone a step is refused (``store_unavailable``), and after the primary is SIGKILLed mid
 stream every session resumes on the promoted replica, every reply arrives exactly once, and the
-state read back from the new primary is what the clients were told.
+state read back from the new primary is what the clients were told. Owner keys and fences across
+a failover: a promoted replica that lacks a process's last renewal never lets two processes write
+one session. ``SENTINEL_STREAMS`` sets the number of streams of the SIGKILL test (40).
 """
 
 from __future__ import annotations
