@@ -50,7 +50,16 @@ def subprocess_env() -> dict[str, str]:
 # Tiers: `make test-fast` runs `pytest -m "not slow"`. A test that starts a process (a server, a
 # browser, a training run) must be marked slow; these two checks keep the fast tier honest.
 PROCESS_FIXTURES = frozenset(
-    {"live_server", "live_redis_server", "redis", "own_redis", "server", "edge", "unbatched_server"}
+    {
+        "live_server",
+        "live_redis_server",
+        "redis",
+        "own_redis",
+        "server",
+        "edge",
+        "unbatched_server",
+        "cluster",
+    }
 )
 
 

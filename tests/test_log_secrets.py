@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from app.core.logging import redact
-from tests.live_server import start_server
+from tests.live_server import start_server, wait_until
+from tests.redis_cluster import running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +70,48 @@ def test_no_token_in_any_server_output(tmp_path: Path) -> None:
     assert not leaked, f"{len(leaked)} of {len(secrets_seen)} secrets are in the server's output"
     # Not vacuous: the handshakes were logged, with the query's values redacted.
     assert output.count("token=[redacted]") >= 9, output[-3000:]
+
+
+def test_no_store_password_in_any_server_output(tmp_path: Path) -> None:
+    """``ECHO_STORE_URL=redis+sentinel://:password@...`` (issue 24): the Redis password never
+    reaches the server's output, through sessions, a write the replicas did not acknowledge, a
+    failover, and a server given a wrong password (every store command fails)."""
+    password, wrong = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    fast = {"ECHO_STORE_TIMEOUT_S": "0.5", "ECHO_STORE_CONNECT_TIMEOUT_S": "0.5"}
+    with running_cluster(tmp_path / "cluster", password=password) as cluster:
+        env = {
+            "LOG_LEVEL": "DEBUG",
+            "ECHO_STORE_URL": cluster.url,
+            "ECHO_STORE_MIN_REPLICAS": "1",
+            **fast,
+        }
+        assert password in cluster.url
+        with start_server(tmp_path / "good", env) as server:
+            frame = echo(server.ws_url)
+            assert frame is not None
+            query = f"?session_id={frame['session_id']}&token={frame['token']}"
+            assert echo(server.ws_url, query) is not None
+            primary = cluster.primary_port()
+            replicas = [n for n in cluster.data if n.port != primary]
+            for node in replicas:
+                node.stop()
+            assert echo(server.ws_url) is None  # not replicated: refused
+            for node in replicas:
+                node.start()
+            cluster.wait_synced()
+            cluster.node(primary).stop(signal.SIGKILL)
+            wait_until(lambda: echo(server.ws_url) is not None, 30, "a failover", server)
+            time.sleep(0.5)
+        bad = cluster.url.replace(password, wrong)
+        with start_server(
+            tmp_path / "bad", {**env, "ECHO_STORE_URL": bad}, wait_ready=False
+        ) as refused:
+            assert echo(refused.ws_url) is None
+    for output in (server.log_text(), refused.log_text()):
+        assert password not in output and wrong not in output
+    assert "echo session store unavailable" in server.log_text()  # not vacuous
+    assert "not replicated" in server.log_text()
+    assert "echo session store unavailable" in refused.log_text()
 
 
 @pytest.mark.parametrize(

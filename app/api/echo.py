@@ -20,7 +20,7 @@ import logging
 
 from fastapi import APIRouter, WebSocket
 from starlette.types import Send
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from app.api.echo_frames import (
     RESET_FRAME,
@@ -161,6 +161,8 @@ async def _serve(websocket: WebSocket, service: EchoService, session: Session) -
         except GoingAway:
             return "server stopping"
         except ServiceError as exc:  # model or store failed, deadline passed: say so, end here
+            if websocket.application_state == WebSocketState.DISCONNECTED:
+                return exc.code  # the service ended this connection meanwhile (lease_lost)
             if isinstance(exc, StoreUnavailable | LeaseLost):
                 await _send_error(send, exc.code, exc.detail)
             reason = f"{exc.code}: {exc.detail}; the session can be resumed"

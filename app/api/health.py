@@ -28,8 +28,9 @@ async def livez() -> dict[str, str]:
     response_model=HealthResponse,
     summary="Both models are loaded and warmed (503 while loading, after a failure, or stopping)",
     description="200 `ready`; 200 `degraded` with a detail while the echo session store (Redis) "
-    "is unreachable: digits still serve, new echo sessions are refused, so the replica stays in "
-    "the load balancer.",
+    "is unreachable (or fewer than ECHO_STORE_MIN_REPLICAS replicas acknowledge its writes): "
+    "digits still serve, new echo sessions are refused, so the replica stays in the load "
+    "balancer.",
     responses={503: {"model": HealthResponse}},
 )
 async def readyz(request: Request) -> OrjsonResponse:
@@ -39,7 +40,7 @@ async def readyz(request: Request) -> OrjsonResponse:
     if lifecycle.error:
         body["detail"] = lifecycle.error
     durable = state.echo.durable if state.echo is not None else None
-    if lifecycle.status == "ready" and durable is not None and durable.error is not None:
+    if lifecycle.status == "ready" and durable is not None and durable.status() != "ok":
         body = {
             "status": "degraded",
             "detail": f"echo session store {durable.status()}; new echo sessions are refused, "

@@ -111,11 +111,21 @@ class Settings(BaseSettings):
     echo_store_url: SecretStr = Field(
         SecretStr("memory://"),
         description="`memory://` (this process only) or `redis://[user:password@]host:port/db` "
-        "(`rediss://` for TLS): sessions that outlive the process and resume on any replica.",
+        "(`rediss://` for TLS): sessions that outlive the process and resume on any replica; "
+        "`redis+sentinel://[user:password@]host1:port1,host2:port2/<master-name>[/<db>]` "
+        "(`rediss+sentinel://`): the primary the Sentinels name, followed across failovers.",
     )
     echo_store_connect_timeout_s: float = Field(1.0, gt=0, description="Redis connect timeout.")
     echo_store_timeout_s: float = Field(
         1.0, gt=0, description="Redis command timeout; a step not stored in time is not answered."
+    )
+    echo_store_min_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Redis replicas that must hold an echo step (and a session's creation or "
+        "attach) before it is answered (`WAIT`); fewer in time: `store_unavailable`. 0: the "
+        "primary's word is enough (a failover may lose its last writes).",
     )
     echo_lease_s: float = Field(
         10.0,

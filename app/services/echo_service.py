@@ -38,7 +38,7 @@ from app.services.echo_batching import Echoed
 from app.services.echo_lanes import EchoLane
 from app.services.echo_sessions import Session
 from app.services.models import EchoModel
-from app.services.redis_sessions import RedisSessions, Step
+from app.services.redis_sessions import NotReplicated, RedisSessions, Step
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 1000  # idle connections ended per lane in one sweeper pass
@@ -218,7 +218,12 @@ class EchoService:
         unreleased = self._unreleased.pop(session_id, None)
         if unreleased is not None:  # detached here while Redis failed: give it up first
             await self._release(session_id, unreleased)
-        stored = await self.durable.acquire(session_id, token)
+        try:
+            stored = await self.durable.acquire(session_id, token)
+        except NotReplicated as exc:  # attached, but not on enough replicas: not ours to use
+            if exc.fence is not None:
+                await self._release(session_id, exc.fence)
+            raise
         try:
             lane = self.lanes.get(stored.version)
             if lane is None or lane.store is None:

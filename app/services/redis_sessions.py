@@ -25,6 +25,15 @@ needs the owner key (create, attach) and finds it lapsed calls ``on_lapse`` firs
 renewal and check) and runs once more. The steps of one batched model call are stored by one
 script call (:meth:`RedisSessions.commit`), before any of them is answered.
 
+Redis behind Sentinel (``redis+sentinel://``, ``app.services.redis_urls``): the pool asks the
+Sentinels for the primary on every new connection, so a failover is followed without a restart.
+With ``ECHO_STORE_MIN_REPLICAS=N`` the writes whose loss a failover must not cause (create,
+attach, commit, release) are pipelined with ``WAIT N``; fewer acknowledgements raise
+:class:`NotReplicated` (a ``StoreUnavailable``) and nothing is answered on their strength. An
+attach's fence increment in particular: a promoted replica lacking it could give the same fence
+to another process. Owner-key renewals are not waited for: one missing on a promoted replica is
+a lapse, which the next renewal reports (then :meth:`RedisSessions.reclaim`, as above).
+
 The scripts read the holder's owner key by a name built from the hash, so the store needs one
 Redis (not Redis Cluster), as before. Earlier versions' per-session lease keys ``<prefix>l:<id>``
 are still honoured by attach, for rolling upgrades.
@@ -35,6 +44,7 @@ Errors: ``NotFound``, ``Forbidden``, ``Conflict`` (``session_in_use``, with when
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -45,13 +55,17 @@ from typing import NamedTuple
 
 import numpy as np
 import redis.asyncio as redis
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from app.core.config import Settings
 from app.core.errors import Conflict, Forbidden, NotFound, StoreUnavailable
 from app.core.metrics import ECHO_STORE_ERRORS, ECHO_STORE_SECONDS
 from app.services.echo_replies import reply_seq
+from app.services.redis_urls import SentinelUrl, is_sentinel_url, parse_sentinel_url
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +197,16 @@ class RedisSessions:
         timeout_s: float,
         attached_ttl_s: float | None = None,
         prefix: str = "rnn:echo:",
+        min_replicas: int = 0,
     ) -> None:
         self.ttl_ms, self.lease_ms = int(ttl_s * 1000), int(lease_s * 1000)
         self.attached_ttl_ms = int(max(ttl_s, attached_ttl_s or 0) * 1000)
         self.replies, self.prefix = replies, prefix
+        # Writes that must survive a failover are answered only once this many replicas hold
+        # them (WAIT, pipelined with the script); WAIT gives up after half the command timeout.
+        self.min_replicas = min_replicas
+        self.wait_ms = max(int(timeout_s * 500), 1)
+        self.short: str | None = None  # why the last replicated write fell short, if it did
         self.owner = secrets.token_urlsafe(12)  # this process, this start
         self.owner_key = f"{prefix}o:{self.owner}"
         # Called when a script finds the owner key lapsed, before it is retried once: by default
@@ -194,8 +214,7 @@ class RedisSessions:
         self.on_lapse: Callable[[], Awaitable[object]] = self.keep_owner
         # At most 64 connections; a command finding them all busy (a burst of handshakes) waits
         # for one up to the command timeout instead of failing at once ("Too many connections").
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
+        options = dict(
             max_connections=64,
             timeout=timeout_s,
             socket_timeout=timeout_s,
@@ -203,6 +222,11 @@ class RedisSessions:
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),  # a connection reset
             health_check_interval=5,
         )
+        self.sentinel: Sentinel | None = None
+        if is_sentinel_url(url):
+            pool = self._sentinel_pool(parse_sentinel_url(url), options)
+        else:
+            pool = redis.BlockingConnectionPool.from_url(url, **options)
         self.client = redis.Redis.from_pool(pool)  # closing the client closes the pool
         self.error: str | None = None  # why the last command failed; None once one succeeded
         self._scripts = {
@@ -222,8 +246,11 @@ class RedisSessions:
         url = settings.echo_store_url.get_secret_value()
         if url.startswith("memory://"):
             return None
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("ECHO_STORE_URL must be memory://, redis://, rediss:// or unix://")
+        if not url.startswith(("redis://", "rediss://", "unix://")) and not is_sentinel_url(url):
+            raise ValueError(
+                "ECHO_STORE_URL must be memory://, redis://, rediss://, unix://, "
+                "redis+sentinel:// or rediss+sentinel://"
+            )
         return cls(
             url,
             ttl_s=settings.echo_session_ttl_s,
@@ -232,10 +259,29 @@ class RedisSessions:
             connect_timeout_s=settings.echo_store_connect_timeout_s,
             timeout_s=settings.echo_store_timeout_s,
             attached_ttl_s=settings.echo_idle_timeout_s + IDLE_CLOSE_SLACK_S,
+            min_replicas=settings.echo_store_min_replicas,
+        )
+
+    def _sentinel_pool(self, url: SentinelUrl, options: dict) -> SentinelConnectionPool:
+        """A pool whose connections go to the primary the Sentinels name, asking them again
+        whenever a connection fails or the server it reached answers READONLY (demoted)."""
+        sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
+        if url.tls:
+            sentinel_options["ssl"] = True
+        self.sentinel = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_options)
+        return _BlockingSentinelPool(
+            url.master,
+            self.sentinel,
+            db=url.db,
+            username=url.username,
+            password=url.password,
+            ssl=url.tls,
+            **options,
         )
 
     def status(self) -> str:
-        return "ok" if self.error is None else f"unavailable: {self.error}"
+        error = self.error or self.short
+        return "ok" if error is None else f"unavailable: {error}"
 
     async def ping(self) -> bool:
         try:
@@ -246,6 +292,8 @@ class RedisSessions:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.sentinel is not None:
+            await self.sentinel.aclose()
 
     async def keep_owner(self) -> bool:
         """Renew this process's owner key (one command); False if it had lapsed meanwhile.
@@ -253,9 +301,20 @@ class RedisSessions:
         While it lives, every session this process attached is in use; once it lapsed, any of
         them may have been taken over (:meth:`reclaim` tells which were not).
         """
-        previous = await self._run(
-            "renew", self.client.set(self.owner_key, 1, px=self.lease_ms, get=True)
-        )
+        if self.short is None:
+            previous = await self._run(
+                "renew", self.client.set(self.owner_key, 1, px=self.lease_ms, get=True)
+            )
+            return previous is not None
+        # Writes were not replicated lately: this renewal WAITs too, to find out when they are
+        # again (an idle server would stay "unavailable" until its next session otherwise).
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.owner_key, 1, px=self.lease_ms, get=True)
+        pipe.execute_command("WAIT", self.min_replicas, self.wait_ms)
+        previous, acked = await self._run("renew", pipe.execute())
+        if acked >= self.min_replicas:
+            log.info("echo session store replicas are back", extra={"op": "renew"})
+            self.short = None
         return previous is not None
 
     async def retire(self) -> None:
@@ -279,7 +338,13 @@ class RedisSessions:
         """Attach: check the token, take the session (a new fence), read it back."""
         keys = [self._key(session_id), self._legacy_lease(session_id), self.owner_key]
         args = [token_hash(token), self.attached_ttl_ms, self.owner, f"{self.prefix}o:"]
-        answer = await self._scripted("acquire", keys, args)
+        try:
+            answer = await self._scripted("acquire", keys, args)
+        except NotReplicated as exc:  # attached on the primary, but a failover could forget
+            # this fence and hand it out again: the caller must give it back (exc.fence)
+            if isinstance(exc.answer, list) and exc.answer[0] == b"ok":
+                exc.fence = int(exc.answer[1])
+            raise
         outcome = answer[0].decode()
         if outcome == "not_found":
             raise NotFound("unknown or expired session_id", "session_not_found")
@@ -308,7 +373,7 @@ class RedisSessions:
             keys.append(self._key(s.session_id))
             field = b"" if s.reply is None else b"r%d" % (s.seq % self.replies)
             args += [s.fence, s.state, s.seq, field, s.reply or b""]
-        stored = await self._run("commit", self._scripts["commit"](keys, args))
+        stored = await self._write("commit", keys, args)
         return [bool(x) for x in stored]
 
     async def reclaim(self, leases: list[tuple[str, int]]) -> list[bool]:
@@ -321,24 +386,66 @@ class RedisSessions:
 
     async def release(self, leases: list[tuple[str, int]]) -> None:
         """Give sessions up (detach, shutdown): they resume elsewhere at once, and stay
-        resumable ``ttl_s`` from now."""
+        resumable ``ttl_s`` from now. Replicated like a step (a promoted replica that lacked it
+        would keep the session in use by this live process, which no longer has it)."""
         if leases:
             keys = [self._key(session_id) for session_id, _ in leases]
             args = [self.ttl_ms, *(fence for _, fence in leases)]
-            await self._run("release", self._scripts["release"](keys, args))
+            await self._write("release", keys, args)
 
     async def _scripted(self, op: str, keys: list, args: list):
         """Run a script that needs this process's owner key alive; if it lapsed, renew it first
         (``on_lapse``) and run the script once more."""
-        answer = await self._run(op, self._scripts[op](keys, args))
+        answer = await self._write(op, keys, args)
         if _lapsed(answer):
             await self.on_lapse()
-            answer = await self._run(op, self._scripts[op](keys, args))
+            answer = await self._write(op, keys, args)
             if _lapsed(answer):
                 raise StoreUnavailable(
                     "the echo session store is catching up; retry shortly", retry_after_s=1.0
                 )
         return answer
+
+    async def _write(self, op: str, keys: list, args: list):
+        """Run script ``op``. With ``min_replicas``, WAIT for that many replicas in the same
+        round trip (a pipeline: WAIT cannot run inside a script); a write they did not all
+        acknowledge raises :class:`NotReplicated` (a ``StoreUnavailable``): it is on the primary,
+        but a failover now could lose it, so nothing may be answered on its strength."""
+        script = self._scripts[op]
+        if not self.min_replicas:
+            return await self._run(op, script(keys, args))
+        answer, acked = await self._run(op, self._waited(script, keys, args))
+        if acked >= self.min_replicas or not _wrote(op, answer):
+            if acked >= self.min_replicas and self.short is not None:
+                log.info("echo session store replicas are back", extra={"op": op})
+                self.short = None
+            return answer
+        ECHO_STORE_ERRORS.labels(op).inc()
+        if self.short is None:
+            log.warning(
+                "echo session store: write not replicated",
+                extra={"op": op, "replicas": acked, "wanted": self.min_replicas},
+            )
+        self.short = f"{acked} of {self.min_replicas} replicas acknowledged a write"
+        raise NotReplicated(answer)
+
+    async def _waited(self, script, keys: list, args: list) -> tuple[object, int]:
+        """EVALSHA and WAIT pipelined on one connection (WAIT counts the replicas holding
+        everything that connection wrote); loads the script if the server lacks it (a promoted
+        replica's script cache starts empty)."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.min_replicas, self.wait_ms)
+            answer, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(answer, NoScriptError) and attempt == 0:
+                await self.client.script_load(script.script)
+                continue
+            for result in (answer, acked):
+                if isinstance(result, Exception):
+                    raise result
+            return answer, int(acked)
+        raise AssertionError("unreachable")
 
     async def _run(self, op: str, call):
         started = time.perf_counter()
@@ -349,6 +456,8 @@ class RedisSessions:
             if self.error is None:
                 log.warning("echo session store unavailable", extra={"op": op, "error": str(exc)})
             self.error = f"{type(exc).__name__}: {exc}"[:200]
+            if _demoted(exc):  # the server is a replica now: reconnect, asking the Sentinels
+                await self._drop_idle_connections()
             raise StoreUnavailable(
                 "the echo session store is unavailable; retry shortly", retry_after_s=1.0
             ) from exc
@@ -358,12 +467,56 @@ class RedisSessions:
             self.error = None
         return result
 
+    async def _drop_idle_connections(self) -> None:
+        """A script that writes, run on a demoted primary, fails with an error that only
+        mentions READONLY (redis-py's Sentinel connections reconnect on a plain READONLY reply,
+        not on this one), and a pooled connection would go on reaching that server: drop the
+        idle ones (the failed one is back among them), so that the next connect asks again."""
+        with contextlib.suppress(Exception):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}s:{session_id}"
 
     def _legacy_lease(self, session_id: str) -> str:
         """The per-session lease key of earlier versions, honoured while they still run."""
         return f"{self.prefix}l:{session_id}"
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (connections to whichever server is the primary now) with the blocking
+    pool's bound: at most ``max_connections``, a command waits ``timeout`` for a free one."""
+
+
+class NotReplicated(StoreUnavailable):
+    """A write fewer than ``ECHO_STORE_MIN_REPLICAS`` replicas acknowledged in time."""
+
+    def __init__(self, answer: object) -> None:
+        super().__init__(
+            "the echo session store could not replicate a write; retry shortly", retry_after_s=1.0
+        )
+        self.answer = answer
+        self.fence: int | None = None  # an attach's fence, to give back
+
+
+def _wrote(op: str, answer: object) -> bool:
+    """Whether a script's answer says it wrote something that must be replicated."""
+    if op == "create":
+        return answer == 1
+    if op == "acquire":
+        return isinstance(answer, list) and answer[0] == b"ok"
+    if op == "commit":
+        return isinstance(answer, list) and 1 in answer
+    return True  # release
+
+
+def _demoted(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server reached is a replica (it was demoted by a failover)."""
+    text = str(exc)
+    return isinstance(exc, ReadOnlyError) or (
+        isinstance(exc, ResponseError)
+        and ("READONLY" in text or "WAIT cannot be used with replica" in text)
+    )
 
 
 def _lapsed(answer: object) -> bool:
