@@ -37,6 +37,14 @@ if ! docker info >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1 \
   bash ../shared/tools/docker-sandbox.sh
 fi
 
+# compose.yaml asks for 65,536 descriptors; a daemon allowed fewer cannot give them (runc:
+# "error setting rlimits"), so ask for what this host's daemon may hand out.
+dockerd_pid=$(pgrep -o dockerd || true)
+if [ -n "$dockerd_pid" ] && [ -z "${NOFILE:-}" ]; then
+  hard=$(awk '/Max open files/ {print $5}' "/proc/$dockerd_pid/limits")
+  if [ "$hard" != unlimited ] && [ "$hard" -lt 65536 ]; then export NOFILE=$hard; fi
+fi
+
 step "pinned images (Dockerfile's PYTHON_IMAGE, compose.scale.yaml's Redis and nginx)"
 # Where no registry is reachable (this sandbox), the sandbox's stand-ins carry the floating tags;
 # a pinned tag that cannot be pulled is given to its stand-in, and the log says so.
