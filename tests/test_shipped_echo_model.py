@@ -35,6 +35,7 @@ STREAM_LENGTH = 100_000
 MAX_CHUNK = 64
 
 
+@pytest.mark.slow  # 100,000 bits through each shipped version: ~20 s, most of the fast tier
 @pytest.mark.parametrize("version", list_versions(MODEL_DIR / ECHO_MODEL))
 def test_shipped_model_echoes_a_fresh_stream_perfectly(version: int) -> None:
     version_dir = resolve_version_dir(MODEL_DIR, ECHO_MODEL, version)
