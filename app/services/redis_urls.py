@@ -21,6 +21,7 @@ SENTINEL_PORT = 26379
 
 _HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)$")
 _MASTER = re.compile(r"^[A-Za-z0-9._-]+$")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII digits only ("²".isdigit() is true, int("²") raises)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         raise ValueError("a Sentinel URL ends with /<master-name> or /<master-name>/<db>")
     db = 0
     if len(segments) == 2:
-        if not segments[1].isdigit() or not segments[1].isascii():
+        if not _DIGITS.fullmatch(segments[1]):
             raise ValueError("the database in a Sentinel URL is a number, 0 or more")
         db = int(segments[1])
     return SentinelUrl(
@@ -89,7 +90,7 @@ def _address(part: str) -> tuple[str, int]:
         raise ValueError("a Sentinel URL lists host:port pairs separated by commas")
     port = SENTINEL_PORT
     if port_text or part.endswith(":"):
-        if not port_text.isdigit() or not port_text.isascii() or not 0 < int(port_text) < 65536:
+        if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
             raise ValueError("a Sentinel port is a number from 1 to 65535")
         port = int(port_text)
     return host.strip("[]"), port
