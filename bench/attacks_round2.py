@@ -60,6 +60,7 @@ import orjson
 from bench.ab import parse_config
 from tests import servers as srv
 from tests.echo_attacks import Refused, open_session, resume_url
+from tests.hostile_clients import get, post, read_response
 
 VICTIM = "127.0.0.2"
 FRESH_NET = "127.99.0.1"  # a client of another /24 than every attacker's
@@ -362,20 +363,7 @@ def http_exchange(port: int, source: str, request: bytes, timeout: float = 30.0)
         except OSError as exc:
             return {"status": 0, "outcome": f"send failed: {exc}", "seconds": None}
         sent = time.monotonic()
-        data = b""
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-                head, sep, body = data.partition(b"\r\n\r\n")
-                if sep and b"content-length:" in head.lower():
-                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                    if len(body) >= length:
-                        break
-        except (TimeoutError, ConnectionResetError):
-            pass
+        data = read_response(sock)
         done = time.monotonic()
     status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
     code = ""
@@ -391,15 +379,6 @@ def http_exchange(port: int, source: str, request: bytes, timeout: float = 30.0)
         "seconds": round(done - sent, 3),
         "send_s": round(sent - t0, 3),
     }
-
-
-def post(path: str, body: bytes) -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-    return f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-
-
-def get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
 
 
 def one_request(what: str, request: bytes) -> Callable[[int, dict[str, Any]], None]:

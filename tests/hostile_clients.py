@@ -95,22 +95,29 @@ class Answer:
         return self.answered_at - self.sent_at
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One response's bytes: read until its body is complete, the server closes or resets, or
+    the socket times out."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep and b"content-length:" in head.lower():
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(body) >= length:
+                    break
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
 def exchange(port: int, source: str, request: bytes, timeout: float = 60.0) -> Answer:
     """Send ``request`` from ``source``; its one response (read until complete or closed)."""
     with dial(port, source, timeout) as sock:
         sock.sendall(request)
         sent = time.monotonic()
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-                head, sep, body = data.partition(b"\r\n\r\n")
-                if sep and b"content-length:" in head.lower():
-                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                    if len(body) >= length:
-                        break
-        except (TimeoutError, ConnectionResetError):
-            pass
+        data = read_response(sock)
         done = time.monotonic()
     body = data.partition(b"\r\n\r\n")[2]
     try:
