@@ -5,8 +5,7 @@
   ``Authorization: Bearer <key>``, or for a WebSocket, which a browser cannot give headers,
   ``?access_token=<key>`` (redacted from the logs like every credential). A missing or wrong key
   gets 401 ``unauthorized`` with ``WWW-Authenticate: Bearer``; on ``/echo``, a close with 1008.
-  A key is compared with every configured key in constant time (SHA-256 digests, so not even
-  its length shows in the timing).
+  Keys are compared in constant time (``app.core.api_keys``, which the gRPC service shares).
 - ``CORS_ALLOW_ORIGINS`` (comma-separated origins, ``*`` for any; empty, the default: none).
   Browsers on those origins may call the HTTP API (Starlette's ``CORSMiddleware``) and open
   ``/echo``. A WebSocket handshake with an ``Origin`` that is neither listed nor the service's own
@@ -17,9 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
@@ -28,6 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import close_code, close_reason, service_error_response
+from app.core.api_keys import ApiKeys, bearer_credential, split_list
 from app.core.config import Settings
 from app.core.errors import Forbidden, ServiceError, Unauthorized
 
@@ -46,27 +43,6 @@ PUBLIC_PATHS = frozenset(
     }
 )
 PUBLIC_PREFIXES = ("/static/",)
-
-
-def split_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-class ApiKeys:
-    """The configured keys, as SHA-256 digests; ``check`` compares against all of them."""
-
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys if key]
-
-    def __bool__(self) -> bool:
-        return bool(self._digests)
-
-    def check(self, presented: str | None) -> bool:
-        digest = hashlib.sha256((presented or "").encode()).digest()
-        match = False
-        for key in self._digests:  # no early exit: every key is compared
-            match |= hmac.compare_digest(key, digest)
-        return match and presented is not None
 
 
 def is_public(path: str) -> bool:
@@ -147,11 +123,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _bearer(scope: Scope) -> str | None:
-    value = _header(scope, b"authorization")
-    if value is None:
-        return None
-    scheme, _, credential = value.partition(" ")
-    return credential.strip() if scheme.lower() == "bearer" else None
+    return bearer_credential(_header(scope, b"authorization"))
 
 
 async def _refuse_websocket(error: ServiceError, receive: Receive, send: Send) -> None:

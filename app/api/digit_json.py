@@ -25,9 +25,9 @@ from starlette.routing import BaseRoute
 from starlette.types import Scope
 
 from app.api.errors import service_error_response
-from app.api.params import parse_version
 from app.api.raw_route import RawRoute
 from app.core.errors import ServiceError
+from app.core.params import parse_version
 from app.schemas.digits import FIELDS, SCALE_MAX, SCALE_MIN, parse_request
 from app.schemas.json_budget import check_json_budget
 from app.state import AppState, app_state

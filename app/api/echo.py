@@ -32,7 +32,6 @@ from app.api.echo_frames import (
     session_frame,
 )
 from app.api.errors import close_code, close_reason
-from app.api.params import MAX_SESSION_ID_CHARS, MAX_TOKEN_CHARS, parse_token_like, parse_uint
 from app.core.errors import (
     GoingAway,
     InvalidInput,
@@ -42,6 +41,7 @@ from app.core.errors import (
     StoreUnavailable,
 )
 from app.core.metrics import ECHO_ERRORS, ECHO_SESSIONS_REFUSED
+from app.core.params import MAX_SESSION_ID_CHARS, MAX_TOKEN_CHARS, parse_token_like, parse_uint
 from app.services.echo_service import EchoService
 from app.services.echo_sessions import Session
 from app.state import app_state
@@ -71,7 +71,7 @@ async def echo(
 ) -> None:
     """Open (no parameters) or resume (``?session_id=...&token=...[&last_seq=N]``) a session.
 
-    Every parameter is parsed (``app.api.params``) before anything is attached, and once a
+    Every parameter is parsed (``app.core.params``) before anything is attached, and once a
     session is attached it is detached on every way out of this handler, exceptions included.
     """
     state = app_state(websocket)

@@ -18,10 +18,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError, http_status
-from app.api.params import parse_version
 from app.api.responses import OrjsonResponse
 from app.api.v2_request import HEADER_LENGTH, parse_infer, render_infer, wanted_outputs
 from app.core import errors as svc
+from app.core.params import parse_version
 from app.schemas import v2 as schema
 from app.services import tensor_codec
 from app.services.models import ServedModel

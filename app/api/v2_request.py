@@ -15,8 +15,8 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
-from app.api.params import parse_uint
 from app.core.errors import InvalidInput, clip
+from app.core.params import parse_uint
 from app.schemas.json_budget import check_json_budget
 from app.schemas.v2 import InferRequest
 from app.services import tensor_codec
