@@ -2,7 +2,8 @@
 
 Start-up checks that both models have a version the policies serve (a missing one stops the
 process with the path in the error), then loads and warms them in the background while
-``/livez`` already answers and ``/readyz`` says 503; only then does ``/readyz`` turn 200. From
+``/livez`` already answers and ``/readyz`` says 503; only then does ``/readyz`` turn 200. The gRPC
+service (``app.grpc``, ``GRPC_PORT``) starts and stops with the app, in the same event loop. From
 then on ``MODEL_DIR`` is rescanned every ``MODEL_POLL_S`` and on SIGHUP
 (``app.services.model_repository``): new versions load beside the running ones.
 """
@@ -29,8 +30,10 @@ from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
 from app.core.runtime import tune_runtime
+from app.grpc.server import GrpcServer
 from app.services.echo_service import EchoService
 from app.services.model_repository import ModelRepository, Version
+from app.services.open_inference import SERVER_VERSION
 from app.services.uploads import UploadLimiter
 from app.state import AppState, Lifecycle
 
@@ -106,6 +109,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.echo = echo_service = EchoService(settings)
     state.models = models = ModelRepository(settings, echo_service)  # fails fast: no model
     _report_stopping_on_sigterm(lifecycle)
+    grpc_server = GrpcServer(state) if settings.grpc_port else None
+    if grpc_server is not None:
+        await grpc_server.start()  # in this event loop: its calls share the batchers
     loader = asyncio.create_task(_load(state))
     try:
         yield
@@ -115,6 +121,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.cancel()
         with suppress(asyncio.CancelledError):
             await loader
+        if grpc_server is not None:
+            await grpc_server.stop()
         await echo_service.stop()
         await models.stop()
 
@@ -124,7 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level)
     app = FastAPI(
         title="RNN serving",
-        version="0.1.0",
+        version=SERVER_VERSION,
         summary="MNIST LSTM digit classifier and a stateful echo RNN over WebSocket.",
         lifespan=lifespan,
         default_response_class=OrjsonResponse,

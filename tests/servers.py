@@ -109,6 +109,16 @@ class Server:
         return self.proc
 
     @property
+    def grpc_port(self) -> int:
+        """The gRPC port (``GRPC_PORT``; 0: off)."""
+        return int(self.env.get("GRPC_PORT", "0"))
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC service, as ``tritonclient.grpc`` takes it."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -143,14 +153,21 @@ def start(
     ``wait_ready``) /readyz answer 200. If it exits or times out first, it is stopped and this
     raises.
 
-    ``port``: listen there (e.g. to restart a server where clients expect it), else a free one.
+    ``port``: listen there (e.g. to restart a server where clients expect it), else a free one;
+    the gRPC service gets a free port too unless ``env`` names ``GRPC_PORT``.
     ``bench``: lift the per-client limits (``BENCH_ENV``) and raise the file-descriptor limit for
     the load generator; the tests pass ``False`` to run the service's defaults and inherit limits.
     ``nofile``: the server's file-descriptor limit, soft and hard (it raises its soft limit to
     the hard one itself).
     """
     port = port or free_port()
-    env = {**(BENCH_ENV if bench else {}), "HOST": "127.0.0.1", "PORT": str(port), **env}
+    env = {
+        **(BENCH_ENV if bench else {}),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "GRPC_PORT": str(free_port()),  # never the default 8001: servers run side by side
+        **env,
+    }
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **env}
     if app is None and (cwd / "app" / "__main__.py").exists():
         cmd = list(SERVER_COMMAND)

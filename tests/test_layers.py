@@ -1,5 +1,7 @@
 """The import arrows of ``app/`` run one way: api → services → schemas → core (no upward import),
-and the API imports nothing from Redis (store failures reach it as domain errors)."""
+the gRPC transport (``app/grpc``) sits beside the HTTP one (``app/api``) over the same services
+and neither imports the other, and no transport imports anything from Redis (store failures
+reach them as domain errors)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from pathlib import Path
 import pytest
 
 APP = Path(__file__).resolve().parents[1] / "app"
-LAYERS = ["core", "schemas", "services", "api"]  # each may import only those before it
+RANK = {"core": 0, "schemas": 1, "services": 2, "api": 3, "grpc": 3}  # the transports on top
+TRANSPORTS = ("api", "grpc")
 
 
 def imports(path: Path) -> set[str]:
@@ -23,22 +26,31 @@ def imports(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_no_layer_imports_one_above_it(layer: str) -> None:
-    above = LAYERS[LAYERS.index(layer) + 1 :]
+def _layer_of(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "app" and parts[1] in RANK else None
+
+
+@pytest.mark.parametrize("layer", list(RANK))
+def test_a_layer_imports_only_itself_and_the_layers_below(layer: str) -> None:
     wrong = {
         f"{path.relative_to(APP.parent)} imports {name}"
         for path in (APP / layer).rglob("*.py")
         for name in imports(path)
-        if any(name == f"app.{up}" or name.startswith(f"app.{up}.") for up in above)
+        if (other := _layer_of(name)) is not None and other != layer and RANK[other] >= RANK[layer]
     }
     assert not wrong, sorted(wrong)
 
 
-def test_the_api_imports_nothing_from_redis() -> None:
+def test_both_transports_exist_and_rank_alike() -> None:
+    assert all((APP / t).is_dir() and RANK[t] == max(RANK.values()) for t in TRANSPORTS)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_transports_import_nothing_from_redis(transport: str) -> None:
     wrong = {
         f"{path.relative_to(APP.parent)} imports {name}"
-        for path in (APP / "api").rglob("*.py")
+        for path in (APP / transport).rglob("*.py")
         for name in imports(path)
         if name.split(".")[0] == "redis" or "redis_sessions" in name
     }

@@ -188,6 +188,28 @@ class Settings(BaseSettings):
         False, description="Offer permessage-deflate on /echo (frames are a few hundred bytes)."
     )
 
+    # gRPC (app/grpc/, docs/grpc.md)
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        lt=65536,
+        description="TCP port of the KServe v2 / Triton gRPC service (`inference."
+        "GRPCInferenceService`), on HOST, in the same process as HTTP; 0: off.",
+    )
+    grpc_max_connections: int = Field(
+        1_000,
+        gt=0,
+        description="Open gRPC connections (HTTP/2); more are closed before their handshake. "
+        "Calls in progress are capped per client and network as HTTP connections are "
+        "(MAX_CONNECTIONS_PER_CLIENT, MAX_CONNECTIONS_PER_NETWORK) and per connection.",
+    )
+    grpc_max_connection_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="A gRPC connection with no call in progress this long is closed (GOAWAY; "
+        "clients reconnect by themselves).",
+    )
+
     # Access control (off by default; app/api/access.py, docs/security.md)
     api_keys: SecretStr = Field(
         SecretStr(""),

@@ -161,3 +161,19 @@ HTTP_EDGE_REFUSALS = Counter(
     "Connections answered and closed by the HTTP edge (app/core/edge.py), by reason.",
     ["reason"],
 )
+GRPC_REQUESTS = Counter(
+    "grpc_requests_total",
+    "gRPC calls by method and status code (a stream: once, when it ends).",
+    ["method", "code"],
+)
+GRPC_LATENCY = Histogram(
+    "grpc_request_duration_seconds",
+    "gRPC call duration by method (a stream: from open to end).",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+GRPC_STREAM_MESSAGES = Counter(
+    "grpc_stream_messages_total",
+    "ModelStreamInfer requests answered, by outcome (OK, or the status code of the error).",
+    ["code"],
+)
