@@ -150,7 +150,7 @@ class EchoSequences:
         its answer).
         """
         settings = self.echo.settings
-        key = _sequence_key(sequence_id)
+        key = sequence_key(sequence_id)
         if type(start) is not bool or type(end) is not bool:
             raise SequenceError(
                 "sequence_start and sequence_end must be true or false", "invalid_sequence_flag"
@@ -309,8 +309,9 @@ class _Step(NamedTuple):
     version: int | None
 
 
-def _sequence_key(sequence_id: object) -> bytes:
-    """The typed bytes of a sequence id (an int and its digits as a string differ)."""
+def sequence_key(sequence_id: object) -> bytes:
+    """The typed bytes of a sequence id (an int and its digits as a string differ), or the
+    ``SequenceError`` of :meth:`EchoSequences.step` (a transport may check it first)."""
     if sequence_id is None or (type(sequence_id) in (int, str) and not sequence_id):
         raise SequenceError(
             "echo_rnn is stateful: every request needs parameters.sequence_id (an integer "
