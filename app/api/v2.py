@@ -102,6 +102,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "Malformed request: JSON, datatype, shape, data, binary sizes, outputs.",
         404: "Unknown model or version.",
+        409: "Another request of the same sequence holds it (sequence_busy).",
         413: "Body over MAX_REQUEST_BYTES or more images than MAX_BATCH_IMAGES.",
         503: "Not ready (loading or stopping).",
         504: "Inference did not finish within REQUEST_TIMEOUT_S.",
