@@ -283,12 +283,12 @@ async def _sequence_step(
 ) -> tuple[bytes, dict[str, str]]:
     """One step of an ``echo_rnn`` sequence: input ``bits`` [1, T] → ``probabilities`` and
     ``bits`` [1, T]; ``parameters.replayed`` when a retried ``id`` got its stored answer."""
-    sequences = state.sequences
-    if sequences is None:
-        raise svc.NotReady("the echo service is not ready")
     parsed, tensors = parse_infer(body, header_length, state.settings.max_request_bytes)
     params = parsed.parameters or {}
     sequence_key(params.get("sequence_id"))  # first: without it nothing else matters
+    sequences = state.sequences
+    if sequences is None:
+        raise svc.NotReady("the echo service is not ready")
     outputs = wanted_outputs(parsed, ECHO_OUTPUTS)
     if len(tensors) != 1 or tensors[0].name != ECHO_BITS:
         names = ", ".join(repr(svc.clip(t.name)) for t in tensors[:3])
