@@ -25,6 +25,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.live_server import LiveServer, RedisServer, start_server
+from tests.metrics import sample_value
 from tests.test_api_echo import send_bits, session
 
 pytestmark = pytest.mark.slow
@@ -263,6 +264,7 @@ def test_a_retried_id_is_answered_once(
     or its replay; either way the sequence advances once)."""
     chunks = chunks_of(21, [10, 11, 12, 13, 14])
     want = echo_reference(live_server, chunks)
+    replayed_before = replayed(live_server)
     first = infer(client, "retry", chunks[0], start=True, request_id="r0")
     again = infer(client, "retry", chunks[0], start=True, request_id="r0")
     assert again.get_response()["parameters"] == {"replayed": True}
@@ -288,6 +290,12 @@ def test_a_retried_id_is_answered_once(
     for k in (3, 4):
         got = answer(infer(client, "retry", chunks[k], request_id=f"r{k}"), len(chunks[k]))[0]
         np.testing.assert_allclose(got, want[k], atol=1e-5)  # each step counted once
+    assert replayed(live_server) - replayed_before in (2, 3)  # r0, r1 (r2: maybe)
+
+
+def replayed(server: LiveServer) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return sample_value(text, "echo_sequence_steps_total", outcome="replayed") or 0.0
 
 
 def test_a_sequence_continues_on_a_second_server_through_redis(

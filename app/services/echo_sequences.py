@@ -11,7 +11,8 @@ continues on any replica), the batcher of its model version (its steps join the 
 calls), ``ECHO_SESSION_TTL_S`` (an idle sequence expires like a detached session),
 ``ECHO_MAX_SESSIONS`` and the per-client limits. A request is not a connection: each step
 attaches the session, advances it and detaches it (with Redis: attach, store the step, give it
-back; three round trips). ``/echo`` cannot resume a sequence's session (its id has a ``.``).
+back; three round trips, four for a new sequence). ``/echo`` cannot resume a sequence's
+session (its id has a ``.``).
 
 Better than Triton, retries apply once: a step whose request ``id`` the sequence answered within
 its last ``ECHO_REPLAY_REPLIES`` steps gets that answer again instead of advancing the state
@@ -39,6 +40,7 @@ from app.core.errors import (
     TooLarge,
     clip,
 )
+from app.core.metrics import ECHO_SEQUENCE_STEPS
 from app.services.echo_replies import (
     ENDED,
     HAS_ID,
@@ -227,6 +229,7 @@ class EchoSequences:
         if step.flags & HAS_ID:
             replay = _replay(session, step)
             if replay is not None:
+                ECHO_SEQUENCE_STEPS.labels("replayed").inc()
                 return replay
         saved = None
         if start is None:
@@ -259,6 +262,7 @@ class EchoSequences:
                 store.restore(session.slot, saved)
             raise
         session.record(echoed.seq, echoed.packed)
+        ECHO_SEQUENCE_STEPS.labels("advanced").inc()
         return SequenceReply(echoed.probs, echoed.bits, session.version, False)
 
     @contextlib.asynccontextmanager
