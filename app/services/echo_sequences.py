@@ -129,8 +129,9 @@ class EchoSequences:
           must be bools (``SequenceError`` ``invalid_sequence_flag``).
         - ``request_id``: the request's ``id`` (``None`` or ``""``: none). If the sequence
           answered this id within its last ``ECHO_REPLAY_REPLIES`` steps, that answer comes
-          back (``replayed=True``, whatever the flags or version) and nothing advances; sent
-          again with other bits or flags: ``SequenceError`` ``request_id_reused``.
+          back (``replayed=True``, with the version that answered, whatever ``version`` names;
+          an ended sequence too) and nothing advances; sent again with other bits or other
+          ``start``/``end``: ``SequenceError`` ``request_id_reused``.
         - ``bits``: a NumPy array of shape ``[T]``, 1 ≤ T ≤ ``ECHO_MAX_BITS_PER_MESSAGE``, of
           any integer, float or bool dtype holding only 0 and 1 (``InvalidInput``
           ``invalid_shape`` / ``invalid_bits``; ``TooLarge`` ``too_many_bits``).
@@ -138,7 +139,8 @@ class EchoSequences:
         - ``version``: the echo_rnn version the request names, or ``None``. A start on a
           version that is not serving new sequences: ``NotFound`` ``version_not_found``; a
           step naming another version than the sequence's: ``SequenceError``
-          ``sequence_version_mismatch``.
+          ``sequence_version_mismatch``; with Redis, a step (no ``start``) of a sequence on a
+          version this process does not serve: ``NotFound`` ``session_version_unavailable``.
         - ``client``: the client's address, for the per-client session limits.
 
         Returns :class:`SequenceReply` (probabilities and bits ``[T]``, the version, replayed).
