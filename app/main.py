@@ -31,6 +31,7 @@ from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
 from app.core.runtime import tune_runtime
 from app.grpc.server import GrpcServer
+from app.services.echo_sequences import EchoSequences
 from app.services.echo_service import EchoService
 from app.services.model_repository import ModelRepository, Version
 from app.services.open_inference import SERVER_VERSION
@@ -107,6 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = state.settings
     state.lifecycle = lifecycle = Lifecycle()
     state.echo = echo_service = EchoService(settings)
+    state.sequences = EchoSequences(echo_service)
     state.models = models = ModelRepository(settings, echo_service)  # fails fast: no model
     _report_stopping_on_sigterm(lifecycle)
     grpc_server = GrpcServer(state) if settings.grpc_port else None
