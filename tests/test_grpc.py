@@ -109,7 +109,7 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient) -> Non
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata(as_json=True)
     assert meta["name"] == "rnn-serving" and meta["version"] == "0.1.0"
-    assert "binary_tensor_data" in meta["extensions"]
+    assert {"binary_tensor_data", "sequence", "sequence(string_id)"} <= set(meta["extensions"])
 
 
 def test_model_metadata_and_readiness_equal_rest(
@@ -286,11 +286,11 @@ def test_every_other_refusal_has_its_status_and_the_server_keeps_serving(
 
 
 def test_echo_without_sequence_parameters_is_refused(client: triton.InferenceServerClient) -> None:
-    bits = triton.InferInput("bits", [1, 4], "FP32")
-    bits.set_data_from_numpy(np.ones((1, 4), np.float32))
+    bits = triton.InferInput("bits", [1, 4], "UINT8")
+    bits.set_data_from_numpy(np.ones((1, 4), np.uint8))
     err = error_of(client.infer, "echo_rnn", [bits])
     assert err.status() == "StatusCode.INVALID_ARGUMENT"
-    assert err.message().startswith("stateful_model: ")
+    assert err.message().startswith("missing_sequence_id: ")  # tests/test_grpc_sequences.py
 
 
 def test_a_stream_answers_every_request_with_its_id_errors_in_place(
@@ -437,7 +437,7 @@ def test_streams_that_idle_or_leave_replies_unread_are_ended(guarded: LiveServer
         async with grpc.aio.insecure_channel(guarded.grpc_url, options=options) as channel:
             call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(metadata=metadata)
 
-            async def send() -> None:  # about 480 kB of replies to come, not read for 4 s
+            async def send() -> None:  # about 480 kB of replies to come, not read
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
                     for _ in range(40):
                         await call.write(batch)
@@ -447,12 +447,22 @@ def test_streams_that_idle_or_leave_replies_unread_are_ended(guarded: LiveServer
                     pass
 
             sender = asyncio.create_task(send())
-            await asyncio.sleep(4)
+            for _ in range(300):  # until the server has cut the stream off (not read meanwhile)
+                await asyncio.sleep(0.1)
+                if cut_off() > before:
+                    break
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await asyncio.wait_for(drain(), 30)
             sender.cancel()
             return info.value
 
+    def cut_off() -> float:
+        text = httpx.get(f"{guarded.base_url}/metrics", headers=auth, timeout=10).text
+        labels = {"method": "ModelStreamInfer", "code": "DEADLINE_EXCEEDED"}
+        return sample_value(text, "grpc_requests_total", **labels) or 0.0
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    before = cut_off()
     err = asyncio.run(idle())
     assert err.code() == grpc.StatusCode.UNAVAILABLE and err.details().startswith("idle_timeout: ")
     err = asyncio.run(unread())

@@ -15,40 +15,34 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import Scope
 
-from app.api.access import bearer_key, split_list
+from app.api.access import bearer_key
 from app.api.errors import ApiError, http_status
 from app.api.responses import OrjsonResponse
 from app.api.v2_request import HEADER_LENGTH, parse_infer, render_infer, wanted_outputs
 from app.core import errors as svc
-from app.core.params import parse_version
+from app.core.api_keys import split_list
 from app.schemas import v2 as schema
-from app.services import tensor_codec
-from app.services.echo_sequences import scope_of, sequence_bits, sequence_key
+from app.services import open_inference
 from app.services.models import ServedModel
-from app.state import AppState, app_state
-from modelspec.contract import (
-    DIGIT_INPUT,
-    DIGIT_MODEL,
-    DIGIT_OUTPUT,
-    ECHO_BITS,
-    ECHO_PROBABILITIES,
-    IMAGE_SIZE,
-    NUM_CLASSES,
+from app.services.open_inference import (
+    DIGIT_OUTPUTS,
+    ECHO_OUTPUTS,
+    EXTENSIONS,
+    SERVER_NAME,
+    classify_digits,
+    digit_images,
+    sequence_step,
+    sequences_for,
+    served_model,
 )
+from app.state import AppState, app_state
+from modelspec.contract import DIGIT_MODEL
 
 log = logging.getLogger(__name__)
-
-PLATFORM = "tensorflow_savedmodel"
-EXTENSIONS = ["binary_tensor_data", "sequence", "sequence(string_id)"]
-DIGIT_LABEL = "digit"  # INT64 [n]: the most probable digit, beside the probabilities
-DIGIT_OUTPUTS = (DIGIT_OUTPUT, DIGIT_LABEL)
-ECHO_OUTPUT_BITS = "bits"  # UINT8 [1, T]: the predicted bits, beside the probabilities
-ECHO_OUTPUTS = (ECHO_PROBABILITIES, ECHO_OUTPUT_BITS)
 
 # The protocol answers a bad request with 400 where the native routes say 422 or 415; every
 # other status is the one app.api.errors maps the domain error to.
@@ -112,46 +106,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _model(state: AppState, name: str, version: str | None) -> ServedModel:
     """The served model ``name`` at ``version`` (default: its newest available), else 404."""
-    models = state.models
-    if models is None:  # before the lifespan built the repository
-        raise svc.NotReady("the models are not loaded yet")
-    if name not in models.versions:
-        served = ", ".join(models.versions)
-        raise svc.NotFound(f"unknown model {svc.clip(name)!r}; served: {served}")
-    if version is None:
-        default = models.default(name)
-        if default is None or default.model is None:
-            raise svc.NotReady(f"no version of {name} is available yet")
-        return default.model
-    found = models.version(name, parse_version(version)).model
-    assert found is not None
-    return found
-
-
-def _tensor(name: str, datatype: str, *shape: int) -> dict[str, Any]:
-    return {"name": name, "datatype": datatype, "shape": list(shape)}
+    return served_model(state.models, name, version)
 
 
 def _metadata(state: AppState, model: ServedModel) -> dict[str, Any]:
-    if model.name == DIGIT_MODEL:
-        inputs = [_tensor(DIGIT_INPUT, "FP32", -1, IMAGE_SIZE, IMAGE_SIZE)]
-        outputs = [
-            _tensor(DIGIT_OUTPUT, "FP32", -1, NUM_CLASSES),
-            _tensor(DIGIT_LABEL, "INT64", -1),
-        ]
-    else:  # echo_rnn as a sequence model: one sequence's next T bits a request
-        inputs = [_tensor(ECHO_BITS, "UINT8", 1, -1)]
-        outputs = [
-            _tensor(ECHO_PROBABILITIES, "FP32", 1, -1),
-            _tensor(ECHO_OUTPUT_BITS, "UINT8", 1, -1),
-        ]
-    return {
-        "name": model.name,
-        "versions": [str(v) for v in state.models.serving(model.name)] if state.models else [],
-        "platform": PLATFORM,
-        "inputs": inputs,
-        "outputs": outputs,
-    }
+    assert state.models is not None
+    return open_inference.model_metadata(state.models, model)
 
 
 def _model_ready(state: AppState, model: ServedModel) -> bool:
@@ -161,7 +121,7 @@ def _model_ready(state: AppState, model: ServedModel) -> bool:
 
 @router.get("", response_model=schema.ServerMetadata, summary="Server metadata")
 async def server_metadata(request: Request) -> dict[str, Any]:
-    return {"name": "rnn-serving", "version": request.app.version, "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", response_model=schema.ServerLive, summary="The server is live")
@@ -254,20 +214,9 @@ async def infer_body(
     settings = state.settings
     parsed, tensors = parse_infer(body, header_length, settings.max_request_bytes)
     outputs = wanted_outputs(parsed, DIGIT_OUTPUTS)
-    if len(tensors) != 1 or tensors[0].name != DIGIT_INPUT:
-        names = ", ".join(repr(svc.clip(t.name)) for t in tensors[:3])
-        if len(tensors) > 3:
-            names += f", … ({len(tensors)} inputs)"
-        raise svc.InvalidInput(
-            f"mnist_lstm takes exactly one input, {DIGIT_INPUT!r}; got {names}", "invalid_request"
-        )
-    (tensor,) = tensors
-    tensor_codec.check_digit_input(
-        tensor.name, tensor.datatype, tensor.shape, settings.max_batch_images
-    )
-    images = tensor_codec.digit_images(tensor.name, tensor.datatype, tensor.decode())
-    probs = await state.digit_service(model.version).predict(images)  # /predict/digit's batcher
-    arrays = {DIGIT_OUTPUT: probs, DIGIT_LABEL: probs.argmax(axis=1).astype(np.int64)}
+    images = digit_images(tensors, settings.max_batch_images)
+    service = state.digit_service(model.version)  # /predict/digit's batcher
+    arrays = await classify_digits(service, images)
     return render_infer(
         model.name, str(model.version), parsed.id, [(n, arrays[n], b) for n, b in outputs]
     )
@@ -283,42 +232,23 @@ async def _sequence_step(
 ) -> tuple[bytes, dict[str, str]]:
     """One step of an ``echo_rnn`` sequence: input ``bits`` [1, T] → ``probabilities`` and
     ``bits`` [1, T]; ``parameters.replayed`` when a retried ``id`` got its stored answer."""
-    parsed, tensors = parse_infer(body, header_length, state.settings.max_request_bytes)
+    settings = state.settings
+    parsed, tensors = parse_infer(body, header_length, settings.max_request_bytes)
     params = parsed.parameters or {}
-    sequence_key(params.get("sequence_id"))  # first: without it nothing else matters
-    sequences = state.sequences
-    if sequences is None:
-        raise svc.NotReady("the echo service is not ready")
+    sequences = sequences_for(state.sequences, params)
     outputs = wanted_outputs(parsed, ECHO_OUTPUTS)
-    if len(tensors) != 1 or tensors[0].name != ECHO_BITS:
-        names = ", ".join(repr(svc.clip(t.name)) for t in tensors[:3])
-        raise svc.InvalidInput(
-            f"{model.name} takes exactly one input, {ECHO_BITS!r} [1, T]; got {names}",
-            "invalid_request",
-        )
-    (tensor,) = tensors
-    if len(tensor.shape) != 2 or tensor.shape[0] != 1:  # before decoding anything
-        raise svc.InvalidInput(
-            f"input {ECHO_BITS!r}: shape must be [1, T], one sequence's next T bits; got "
-            f"{list(tensor.shape)}",
-            "invalid_shape",
-        )
-    keys_on = bool(split_list(state.settings.api_keys.get_secret_value()))
+    keys_on = bool(split_list(settings.api_keys.get_secret_value()))
     client = scope.get("client")
-    reply = await sequences.step(
-        scope=scope_of(bearer_key(scope) if keys_on else None),
-        sequence_id=params.get("sequence_id"),
-        start=params.get("sequence_start", False),
-        end=params.get("sequence_end", False),
-        request_id=parsed.id,
-        bits=sequence_bits(ECHO_BITS, tensor.decode()),
-        version=model.version if versioned else None,
-        client=client[0] if client else None,
+    reply, arrays = await sequence_step(
+        sequences,
+        model,
+        versioned,
+        tensors,
+        params,
+        parsed.id,
+        bearer_key(scope) if keys_on else None,
+        client[0] if client else None,
     )
-    arrays = {
-        ECHO_PROBABILITIES: reply.probabilities.reshape(1, -1),
-        ECHO_OUTPUT_BITS: reply.bits.reshape(1, -1),
-    }
     return render_infer(
         model.name,
         str(reply.version),

@@ -6,8 +6,12 @@
   ``ModelMetadata`` (the REST metadata, ``app.services.open_inference``);
 - ``ModelInfer`` for ``mnist_lstm``: ``images`` in ``raw_input_contents`` (or typed
   ``contents``), ``probabilities`` and ``digit`` back in ``raw_output_contents``, through the
-  dynamic batcher of ``POST /predict/digit``;
-- ``ModelStreamInfer``: the same requests on a bidirectional stream (``app.grpc.stream``).
+  dynamic batcher of ``POST /predict/digit``; for ``echo_rnn``: a step of a sequence (Triton's
+  sequence extension: the ``sequence_id``, ``sequence_start`` and ``sequence_end`` parameters;
+  ``app.services.echo_sequences``, shared with v2 REST), ``bits`` [1, T] in, ``probabilities``
+  and ``bits`` out, the ``replayed`` parameter on a retried ``id``'s stored answer;
+- ``ModelStreamInfer``: the same requests on a bidirectional stream (``app.grpc.stream``); the
+  steps of one sequence run in the order they came.
 
 Every other RPC of the service (model control, shared memory, statistics …) is not registered:
 gRPC answers ``UNIMPLEMENTED``.
@@ -17,22 +21,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable
+from typing import Any
 
 from grpc.aio import ServicerContext
 
 from app.core.config import Settings
-from app.core.errors import GoingAway, InvalidInput, ServiceError
+from app.core.errors import GoingAway, ServiceError
 from app.grpc import codec
 from app.grpc.guard import Caller
 from app.grpc.proto import pb
 from app.grpc.stream import InferStream
+from app.services.echo_sequences import sequence_key
+from app.services.models import ServedModel
 from app.services.open_inference import (
     DIGIT_OUTPUTS,
+    ECHO_OUTPUTS,
     EXTENSIONS,
     SERVER_NAME,
     SERVER_VERSION,
     classify_digits,
+    digit_images,
     model_metadata,
+    sequence_step,
+    sequences_for,
     served_model,
     wanted_outputs,
 )
@@ -95,19 +106,40 @@ class InferenceServicer:
     ) -> pb.ModelInferResponse:
         model = served_model(self.state.models, request.model_name, request.model_version)
         if model.name != DIGIT_MODEL:
-            raise InvalidInput(
-                f"{model.name} is stateful: send sequence_id, sequence_start and sequence_end "
-                "parameters (Triton's sequence extension)",
-                "stateful_model",
-            )
+            return await self._sequence_step(request, model, caller)
         settings = self.settings
         tensors = codec.input_tensors(request, settings.max_request_bytes)
         outputs = wanted_outputs(codec.requested_outputs(request), DIGIT_OUTPUTS)
+        images = digit_images(tensors, settings.max_batch_images)
         service = self.state.digit_service(model.version)
-        arrays = await classify_digits(service, tensors, settings.max_batch_images)
+        arrays = await classify_digits(service, images)
         return codec.infer_response(
             model.name, str(model.version), request.id, [(n, arrays[n]) for n in outputs]
         )
+
+    async def _sequence_step(
+        self, request: pb.ModelInferRequest, model: ServedModel, caller: Caller
+    ) -> pb.ModelInferResponse:
+        params = sequence_parameters(request)
+        sequences = sequences_for(self.state.sequences, params)
+        outputs = wanted_outputs(codec.requested_outputs(request), ECHO_OUTPUTS)
+        tensors = codec.input_tensors(request, self.settings.max_request_bytes)
+        reply, arrays = await sequence_step(
+            sequences,
+            model,
+            bool(request.model_version),
+            tensors,
+            params,
+            request.id or None,
+            caller.api_key,
+            caller.client,
+        )
+        response = codec.infer_response(
+            model.name, str(reply.version), request.id, [(n, arrays[n]) for n in outputs]
+        )
+        if reply.replayed:
+            response.parameters["replayed"].bool_param = True
+        return response
 
     async def model_stream_infer(self, context: ServicerContext, caller: Caller) -> None:
         settings = self.settings
@@ -143,5 +175,28 @@ class InferenceServicer:
             await asyncio.sleep(0.05)
 
     def order_key(self, request: pb.ModelInferRequest) -> Hashable | None:
-        """The key whose requests must run in arrival order: none for digits."""
-        return None
+        """A stream runs the steps of one sequence in the order they came: their key is the
+        sequence's (the stream has one caller, so one scope); other requests have none."""
+        if "sequence_id" not in request.parameters:
+            return None
+        try:
+            return sequence_key(sequence_parameters(request).get("sequence_id"))
+        except ServiceError:
+            return None  # refused when it runs, as over ModelInfer
+
+
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def sequence_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
+    """The sequence parameters a request carries, as Python values (``sequence_id``: the
+    ``int64_param``, ``uint64_param`` or ``string_param`` tritonclient sets; the flags: their
+    ``bool_param``). A value of another kind reaches ``EchoSequences.step``, which refuses it."""
+    params = request.parameters
+    found: dict[str, Any] = {}
+    for name in SEQUENCE_PARAMETERS:
+        if name in params:
+            value = params[name]
+            choice = value.WhichOneof("parameter_choice")
+            found[name] = getattr(value, choice) if choice is not None else None
+    return found

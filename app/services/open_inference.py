@@ -1,15 +1,17 @@
-"""The Open Inference Protocol (KServe v2) without a transport: what its gRPC service
-(``app.grpc``) answers, in the same words as its REST routes (``app.api.v2``).
+"""The Open Inference Protocol (KServe v2) without a transport: what its REST routes
+(``app.api.v2``) and its gRPC service (``app.grpc``) both answer, in the same words.
 
 Model lookup by name and version text (``NotFound``, ``NotReady``), model and server metadata,
-readiness, and digit inference: one decoded ``images`` input through the model version's dynamic
-batcher (``DigitService.predict``, the batcher of ``POST /predict/digit``) to the
-``probabilities`` and ``digit`` outputs. Every failure is a domain error of ``app.core.errors``.
+and the two kinds of inference: digits, one ``images`` input through the model version's
+dynamic batcher (``DigitService.predict``, the batcher of ``POST /predict/digit``) to the
+``probabilities`` and ``digit`` outputs; and a step of an ``echo_rnn`` sequence (Triton's
+sequence extension, ``app.services.echo_sequences``), one ``bits`` input ``[1, T]`` to
+``probabilities`` and ``bits``. Every failure is a domain error of ``app.core.errors``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,6 +20,13 @@ from app.core.errors import InvalidInput, NotFound, NotReady, clip
 from app.core.params import parse_version
 from app.services import tensor_codec
 from app.services.digit_service import DigitService
+from app.services.echo_sequences import (
+    EchoSequences,
+    SequenceReply,
+    scope_of,
+    sequence_bits,
+    sequence_key,
+)
 from app.services.model_repository import ModelRepository
 from app.services.models import ServedModel
 from modelspec.contract import (
@@ -25,19 +34,19 @@ from modelspec.contract import (
     DIGIT_MODEL,
     DIGIT_OUTPUT,
     ECHO_BITS,
-    ECHO_LENGTHS,
     ECHO_PROBABILITIES,
-    ECHO_STATE,
     IMAGE_SIZE,
     NUM_CLASSES,
 )
 
 SERVER_NAME = "rnn-serving"
 SERVER_VERSION = "0.1.0"  # the FastAPI app's version too (app.main)
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "sequence", "sequence(string_id)"]
 PLATFORM = "tensorflow_savedmodel"
 DIGIT_LABEL = "digit"  # INT64 [n]: the most probable digit, beside the probabilities
 DIGIT_OUTPUTS = (DIGIT_OUTPUT, DIGIT_LABEL)
+ECHO_OUTPUT_BITS = "bits"  # UINT8 [1, T]: the predicted bits, beside the probabilities
+ECHO_OUTPUTS = (ECHO_PROBABILITIES, ECHO_OUTPUT_BITS)
 
 
 class InputTensor(Protocol):
@@ -83,16 +92,11 @@ def model_metadata(models: ModelRepository, model: ServedModel) -> dict[str, Any
             _tensor(DIGIT_OUTPUT, "FP32", -1, NUM_CLASSES),
             _tensor(DIGIT_LABEL, "INT64", -1),
         ]
-    else:  # echo_rnn's step signature
-        dim = model.state_dim  # type: ignore[attr-defined]
-        inputs = [
-            _tensor(ECHO_BITS, "FP32", -1, -1),
-            _tensor(ECHO_STATE, "FP32", -1, dim),
-            _tensor(ECHO_LENGTHS, "INT32", -1),
-        ]
+    else:  # echo_rnn as a sequence model: one sequence's next T bits a request
+        inputs = [_tensor(ECHO_BITS, "UINT8", 1, -1)]
         outputs = [
-            _tensor(ECHO_PROBABILITIES, "FP32", -1, -1),
-            _tensor(ECHO_STATE, "FP32", -1, dim),
+            _tensor(ECHO_PROBABILITIES, "FP32", 1, -1),
+            _tensor(ECHO_OUTPUT_BITS, "UINT8", 1, -1),
         ]
     return {
         "name": model.name,
@@ -116,11 +120,10 @@ def wanted_outputs(requested: Sequence[str], available: Sequence[str]) -> list[s
     return list(requested)
 
 
-async def classify_digits(
-    service: DigitService, tensors: Sequence[InputTensor], max_images: int
-) -> dict[str, np.ndarray]:
-    """``images`` (FP32 [n, 28, 28] in [0, 1] or UINT8 0–255) → ``probabilities`` FP32 [n, 10]
-    and ``digit`` INT64 [n], through the version's dynamic batcher."""
+def digit_images(tensors: Sequence[InputTensor], max_images: int) -> np.ndarray:
+    """The one ``images`` input (FP32 [n, 28, 28] in [0, 1] or UINT8 0–255), checked and
+    decoded → float32 [n, 28, 28] in [0, 1] for the model. Before anything is looked up: a bad
+    request is refused as such even while the model is not ready."""
     if len(tensors) != 1 or tensors[0].name != DIGIT_INPUT:
         names = ", ".join(repr(clip(t.name)) for t in tensors[:3])
         if len(tensors) > 3:
@@ -131,6 +134,67 @@ async def classify_digits(
         )
     (tensor,) = tensors
     tensor_codec.check_digit_input(tensor.name, tensor.datatype, tensor.shape, max_images)
-    images = tensor_codec.digit_images(tensor.name, tensor.datatype, tensor.decode())
+    return tensor_codec.digit_images(tensor.name, tensor.datatype, tensor.decode())
+
+
+async def classify_digits(service: DigitService, images: np.ndarray) -> dict[str, np.ndarray]:
+    """``digit_images`` through the version's dynamic batcher → ``probabilities`` FP32 [n, 10]
+    and ``digit`` INT64 [n]."""
     probs = await service.predict(images)
     return {DIGIT_OUTPUT: probs, DIGIT_LABEL: probs.argmax(axis=1).astype(np.int64)}
+
+
+def sequences_for(sequences: EchoSequences | None, parameters: Mapping[str, Any]) -> EchoSequences:
+    """The sequence service for a request to ``echo_rnn``, once its ``sequence_id`` is valid
+    (checked first: without it nothing else matters); ``NotReady`` before the lifespan built it."""
+    sequence_key(parameters.get("sequence_id"))
+    if sequences is None:
+        raise NotReady("the echo service is not ready")
+    return sequences
+
+
+async def sequence_step(
+    sequences: EchoSequences,
+    model: ServedModel,
+    versioned: bool,
+    tensors: Sequence[InputTensor],
+    parameters: Mapping[str, Any],
+    request_id: str | None,
+    api_key: str | None,
+    client: str | None,
+) -> tuple[SequenceReply, dict[str, np.ndarray]]:
+    """One step of an ``echo_rnn`` sequence: input ``bits`` [1, T] → the reply and its outputs
+    ``probabilities`` FP32 and ``bits`` UINT8 [1, T].
+
+    ``versioned``: the request named the model's version. ``api_key``: the key the client
+    presented when keys are on, else ``None`` (it scopes the sequence ids). ``client``: its
+    address (the per-client session limits).
+    """
+    if len(tensors) != 1 or tensors[0].name != ECHO_BITS:
+        names = ", ".join(repr(clip(t.name)) for t in tensors[:3])
+        raise InvalidInput(
+            f"{model.name} takes exactly one input, {ECHO_BITS!r} [1, T]; got {names or 'none'}",
+            "invalid_request",
+        )
+    (tensor,) = tensors
+    if len(tensor.shape) != 2 or tensor.shape[0] != 1:  # before decoding anything
+        raise InvalidInput(
+            f"input {ECHO_BITS!r}: shape must be [1, T], one sequence's next T bits; got "
+            f"{list(tensor.shape)}",
+            "invalid_shape",
+        )
+    reply = await sequences.step(
+        scope=scope_of(api_key),
+        sequence_id=parameters.get("sequence_id"),
+        start=parameters.get("sequence_start", False),
+        end=parameters.get("sequence_end", False),
+        request_id=request_id,
+        bits=sequence_bits(ECHO_BITS, tensor.decode()),
+        version=model.version if versioned else None,
+        client=client,
+    )
+    arrays = {
+        ECHO_PROBABILITIES: reply.probabilities.reshape(1, -1),
+        ECHO_OUTPUT_BITS: reply.bits.reshape(1, -1),
+    }
+    return reply, arrays
