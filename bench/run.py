@@ -13,6 +13,9 @@
    ``openloop.{md,json,png}``; ``--only openloop`` runs just this;
 8. echo sessions at scale beside the floor (``bench.sessions``: open rate, latency, memory and
    GC by open sessions, 10,000; quick 2,000) → ``sessions.{md,json,png}``; ``--only sessions``
+   runs just this;
+9. gRPC beside HTTP and the WebSocket (``bench.grpc``: digits by protocol, echo streams vs
+   ``/echo`` closed and open loop, the transports' floor) → ``grpc.{md,json}``; ``--only grpc``
    runs just this.
 """
 
@@ -193,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--log-level", help="server LOG_LEVEL (default: the service's own, INFO)")
     ap.add_argument(
-        "--only", choices=["protocols", "stores", "openloop", "sessions"], help="run only this part"
+        "--only",
+        choices=["protocols", "stores", "openloop", "sessions", "grpc"],
+        help="run only this part",
     )
     ap.add_argument("--rounds", type=int, help="rounds of the protocol comparison (3; quick 1)")
     args = ap.parse_args(argv)
@@ -223,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.only == "sessions":
         run_sessions(args)
+        return
+    if args.only == "grpc":
+        run_grpc(args)
         return
     results: dict[str, Any] = {
         "meta": {
@@ -256,6 +264,27 @@ def main(argv: list[str] | None = None) -> None:
     run_stores(args)
     run_openloop(args)
     run_sessions(args)
+    run_grpc(args)
+
+
+def run_grpc(args: argparse.Namespace) -> None:
+    from bench import grpc
+
+    log("gRPC beside HTTP and the WebSocket: digits, echo closed and open loop, the floor")
+    rounds = str(min(args.rounds, 2))
+    grpc.compare(
+        [
+            *(["--quick"] if args.quick else []),
+            "--rounds",
+            rounds,
+            "--warmup",
+            str(args.warmup),
+            "--duration",
+            str(args.duration),
+            "--out",
+            str(args.out),
+        ]
+    )
 
 
 def run_sessions(args: argparse.Namespace) -> None:
