@@ -4,8 +4,8 @@
     python -m bench.run --only grpc                                     # the same
     python -m bench.grpc load --port P --grpc-port G --server-pid PID --case ...  # loadgen
 
-Cases (each round runs all of them, the protocols of a case one after the other; ratios are
-taken within a round, medians over rounds):
+Cases (each round runs all of them, the protocols of a case one after the other, every other
+round in reverse order; ratios are taken within a round, medians over rounds):
 
 * ``digits:PROTOCOL:N``: 64 requests in flight (closed loop), N = 1 or 128 real MNIST images
   per request, through gRPC ``ModelInfer`` (raw tensors; 4 connections × 16 streams), v2 HTTP
@@ -509,6 +509,8 @@ def compare(argv: list[str]) -> None:
             for name, work in (("service", todo), ("floor", floor_todo)):
                 if not work:
                     continue
+                if r % 2:  # every other round in reverse: no protocol always goes first
+                    work = work[::-1]
                 print(f"[bench.grpc] round {r + 1}/{rounds}, {name}: {len(work)} cases", flush=True)
                 for row in run_load(servers[name], work, warmup, duration):
                     row = {"round": r, "server": name, **row}
