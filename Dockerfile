@@ -81,14 +81,15 @@ FROM base AS runtime
 # (a mounted volume) instead.
 COPY models/ /app/models/
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status != 200)"]
 # `python -m app` runs uvicorn with the server limits of app/core/config.py
 # (docs/configuration.md). Exec form: it is PID 1 and gets SIGTERM itself; it stops accepting, lets
 # in-flight requests finish for up to TIMEOUT_GRACEFUL_SHUTDOWN_S (15 s), then runs the app's
 # shutdown. Give the container more than that to stop (compose: stop_grace_period 30s; docker
-# run: --stop-timeout 30). The HEALTHCHECK above assumes PORT stays 8000.
+# run: --stop-timeout 30). The HEALTHCHECK above assumes PORT stays 8000; gRPC listens on
+# GRPC_PORT (8001 by default).
 ENV HOST=0.0.0.0 \
     PORT=8000
 CMD ["python", "-m", "app"]

@@ -11,8 +11,9 @@
 # serves an echo stream (SIGKILL) and resumes the stream through nginx on the other one. The
 # stack is always taken down with its volume (down -v).
 #
-# Env: PYTHON   interpreter with httpx, websockets, numpy (default .venv/bin/python)
+# Env: PYTHON   interpreter with httpx, websockets, numpy, tritonclient (default .venv/bin/python)
 #      API_PORT host port on 127.0.0.1 (default 8000; nginx's in the scale part)
+#      API_GRPC_PORT host port of gRPC on 127.0.0.1 (default 8001; nginx's in the scale part)
 #      SMOKE_HEALTH_TIMEOUT seconds to wait for healthy (default 300)
 #      SMOKE_SCALE=0 skips the scale stack
 set -euo pipefail
@@ -20,6 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 export API_PORT=${API_PORT:-8000}
+export API_GRPC_PORT=${API_GRPC_PORT:-8001}
 health_timeout=${SMOKE_HEALTH_TIMEOUT:-300}
 gpu=(docker compose -f compose.yaml)
 cpu=(docker compose -p rnn-serving-smoke -f compose.yaml -f compose.cpu.yaml)
@@ -28,8 +30,8 @@ started=$SECONDS
 step() { printf '\n== %s (at %ds)\n' "$*" "$((SECONDS - started))"; }
 fail() { echo "container-smoke: FAILED: $*" >&2; exit 1; }
 
-"$PYTHON" -c 'import httpx, numpy, websockets' \
-  || fail "PYTHON=$PYTHON needs httpx, numpy and websockets (make install)"
+"$PYTHON" -c 'import httpx, numpy, websockets, tritonclient.grpc' \
+  || fail "PYTHON=$PYTHON needs httpx, numpy, websockets and tritonclient (make install)"
 
 step "docker engine, compose, hadolint"
 if ! docker info >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1 \
@@ -107,7 +109,8 @@ done
 echo "healthy after $((SECONDS - deadline + health_timeout))s"
 
 step "smoke client"
-"$PYTHON" .ci/smoke_client.py --base-url "http://127.0.0.1:$API_PORT"
+"$PYTHON" .ci/smoke_client.py --base-url "http://127.0.0.1:$API_PORT" \
+  --grpc-url "127.0.0.1:$API_GRPC_PORT"
 
 step "runs as non-root"
 uid=$(docker exec "$cid" id -u)
@@ -170,6 +173,10 @@ redis_cid=$("${scale[@]}" ps -q redis)
 
 step "scale smoke client: kill the replica serving a stream, resume it through nginx"
 "$PYTHON" .ci/scale_smoke.py --project rnn-serving-scale-smoke --base-url "http://127.0.0.1:$API_PORT"
+
+step "scale stack: digits and an echo sequence over gRPC through nginx (grpc_pass)"
+"$PYTHON" .ci/smoke_client.py --base-url "http://127.0.0.1:$API_PORT" \
+  --grpc-url "127.0.0.1:$API_GRPC_PORT"
 
 step "scale stack: nginx logged the upgrades, without query strings"
 nginx_log=$("${scale[@]}" logs --no-color nginx)

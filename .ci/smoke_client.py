@@ -1,13 +1,17 @@
-"""Smoke-test a running server from outside: real MNIST digits over HTTP, an echo stream over WS.
+"""Smoke-test a running server from outside: real MNIST digits over HTTP, an echo stream over WS,
+and both over gRPC.
 
-    python .ci/smoke_client.py [--base-url http://127.0.0.1:8000] [--mnist-dir DIR]
+    python .ci/smoke_client.py [--base-url http://127.0.0.1:8000] [--grpc-url 127.0.0.1:8001]
 
 Checks that ``GET /`` serves the demo page and its scripts (static files shipped in the package),
 then sends ``--digits`` images of the MNIST test set (from the original IDX files) one by one to
 ``POST /predict/digit`` and needs at least ``--min-correct`` of them classified as labelled;
 then streams ``--bits`` random bits to ``WS /echo`` in chunks of varying size and needs every
 predicted bit from position ``echo_step`` on to equal the input ``echo_step`` bits earlier.
-Exits 0 when all checks pass, 1 otherwise. Needs httpx, websockets and numpy (the dev venv).
+Unless ``--grpc-url`` is empty, the same digits go in one ``ModelInfer`` and the same bits as
+an echo sequence on a ``ModelStreamInfer`` stream to the gRPC service (``tritonclient.grpc``).
+Exits 0 when all checks pass, 1 otherwise. Needs httpx, websockets, numpy and tritonclient (the
+dev venv).
 """
 
 from __future__ import annotations
@@ -130,6 +134,46 @@ async def check_echo(ws_url: str, total_bits: int, seed: int) -> None:
         )
 
 
+def check_grpc(url: str, images: np.ndarray, labels: np.ndarray, min_correct: int, bits: int,
+               seed: int) -> None:  # fmt: skip
+    import queue
+
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url)
+    try:
+        check(client.is_server_ready(), f"gRPC {url}: ServerReady is false")
+        tensor = triton.InferInput("images", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        digits = client.infer("mnist_lstm", [tensor]).as_numpy("digit")
+        correct = int((digits == labels).sum())
+        check(correct >= min_correct, f"gRPC digits: {correct}/{len(labels)} correct")
+        stream = np.random.default_rng(seed + 1).integers(0, 2, bits).astype(np.uint8)
+        chunks = np.array_split(stream, 5)
+        replies: queue.Queue = queue.Queue()
+        client.start_stream(lambda result, error: replies.put((result, error)))
+        for i, chunk in enumerate(chunks):
+            tensor = triton.InferInput("bits", [1, len(chunk)], "UINT8")
+            tensor.set_data_from_numpy(chunk.reshape(1, -1))
+            client.async_stream_infer("echo_rnn", [tensor], request_id=str(i),
+                                      sequence_id=f"smoke-{seed}", sequence_start=i == 0,
+                                      sequence_end=i == len(chunks) - 1)  # fmt: skip
+        got: dict[str, np.ndarray] = {}
+        for _ in chunks:
+            result, error = replies.get(timeout=30)
+            check(error is None, f"gRPC echo stream: {error}")
+            got[result.get_response().id] = result.as_numpy("bits")[0]
+        client.stop_stream()
+        echoed = np.concatenate([got[str(i)] for i in range(len(chunks))])
+        check(bool((echoed[3:] == stream[:-3]).all()), "gRPC echo: the bits are not echoed")
+        print(f"gRPC {url}: {correct}/{len(labels)} digits, {bits} echo bits on a stream")
+    except InferenceServerException as exc:
+        raise SmokeFailure(f"gRPC {url}: {exc}") from None
+    finally:
+        client.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -143,6 +187,7 @@ def main() -> int:
     p.add_argument("--min-correct", type=int, default=19, help="of --digits")
     p.add_argument("--bits", type=int, default=300, help="echo bits to stream")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grpc-url", default="127.0.0.1:8001", help="host:port; empty: skip gRPC")
     args = p.parse_args()
 
     started = time.perf_counter()
@@ -152,6 +197,8 @@ def main() -> int:
         check_digits(args.base_url, images, labels, args.min_correct)
         ws_url = "ws" + args.base_url.removeprefix("http")
         asyncio.run(check_echo(ws_url, args.bits, args.seed))
+        if args.grpc_url:
+            check_grpc(args.grpc_url, images, labels, args.min_correct, args.bits, args.seed)
     except (SmokeFailure, httpx.HTTPError, websockets.WebSocketException, OSError) as exc:
         print(f"SMOKE FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

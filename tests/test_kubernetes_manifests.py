@@ -31,6 +31,8 @@ SECRET_SETTINGS = frozenset({"ECHO_STORE_URL", "API_KEYS"})
 # Read by TensorFlow/Keras rather than by app.core.config.Settings.
 NON_SETTINGS_ENV = frozenset({"TF_FORCE_GPU_ALLOW_GROWTH", "KERAS_HOME"})
 SERVER_PORT = 8000
+GRPC_PORT = 8001
+GRPC_SERVICE_PATH = "/inference.GRPCInferenceService"  # every RPC's path starts with it
 
 Manifest = dict[str, Any]
 
@@ -54,9 +56,13 @@ DOCUMENTS: list[tuple[str, Manifest]] = [
 APPLIED: list[Manifest] = [doc for name, doc in DOCUMENTS if name != EXAMPLE_SECRET]
 
 
-def the(kind: str, documents: list[Manifest] = APPLIED) -> Manifest:
-    found = [doc for doc in documents if doc["kind"] == kind]
-    assert len(found) == 1, f"expected exactly one {kind}, found {len(found)}"
+def the(kind: str, documents: list[Manifest] = APPLIED, name: str | None = None) -> Manifest:
+    found = [
+        doc
+        for doc in documents
+        if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected exactly one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
 
@@ -115,6 +121,7 @@ def test_every_kind_is_there() -> None:
             "ConfigMap",
             "Deployment",
             "HorizontalPodAutoscaler",
+            "Ingress",
             "Ingress",
             "Namespace",
             "PodDisruptionBudget",
@@ -175,6 +182,7 @@ def test_the_configmap_holds_known_settings_with_valid_values() -> None:
     )
     assert settings.host == "0.0.0.0"
     assert settings.port == SERVER_PORT
+    assert settings.grpc_port == GRPC_PORT == resolve_port(server_container(), "grpc")
     assert settings.web_concurrency == 1
 
 
@@ -264,21 +272,40 @@ def test_the_selectors_and_targets_match_the_deployment() -> None:
 
 def test_the_service_and_ingress_reach_the_container_port() -> None:
     service = the("Service")
-    (port,) = service["spec"]["ports"]
-    assert port["name"] == "http"
-    assert port["port"] == 80
-    assert resolve_port(server_container(), port["targetPort"]) == SERVER_PORT
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    assert set(ports) == {"http", "grpc"}
+    assert ports["http"]["port"] == 80
+    assert resolve_port(server_container(), ports["http"]["targetPort"]) == SERVER_PORT
+    assert resolve_port(server_container(), ports["grpc"]["targetPort"]) == GRPC_PORT
 
-    ingress = the("Ingress")
-    for rule in ingress["spec"]["rules"]:
+    for name, wanted in (("rnn-serving", "http"), ("rnn-serving-grpc", "grpc")):
+        ingress = the("Ingress", name=name)
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] == service["metadata"]["name"]
+                port = ports[wanted]
+                assert backend["port"] in ({"name": port["name"]}, {"number": port["port"]})
+
+
+def test_the_grpc_ingress_speaks_grpc_on_the_services_paths_of_the_same_host() -> None:
+    http, grpc = the("Ingress", name="rnn-serving"), the("Ingress", name="rnn-serving-grpc")
+    annotations = grpc["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    idle_s = Settings.model_fields["echo_idle_timeout_s"].default
+    assert float(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > idle_s
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "0"  # a whole stream
+    assert annotations["nginx.ingress.kubernetes.io/enable-access-log"] == "false"
+    assert grpc["spec"]["tls"] == http["spec"]["tls"]  # HTTP/2 to clients needs TLS (ALPN)
+    hosts = {rule["host"] for rule in http["spec"]["rules"]}
+    for rule in grpc["spec"]["rules"]:
+        assert rule["host"] in hosts
         for path in rule["http"]["paths"]:
-            backend = path["backend"]["service"]
-            assert backend["name"] == service["metadata"]["name"]
-            assert backend["port"] in ({"name": port["name"]}, {"number": port["port"]})
+            assert path["path"] == GRPC_SERVICE_PATH and path["pathType"] == "Prefix"
 
 
 def test_the_ingress_keeps_websockets_open_and_logs_no_query_strings() -> None:
-    annotations = the("Ingress")["metadata"]["annotations"]
+    annotations = the("Ingress", name="rnn-serving")["metadata"]["annotations"]
     idle_s = Settings.model_fields["echo_idle_timeout_s"].default
     # The service closes idle /echo connections itself; the proxy must not do so first.
     assert float(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > idle_s
