@@ -16,7 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from app.api import access as security
+from app.core import api_keys
 from tests.live_server import LiveServer, start_server
 
 pytestmark = pytest.mark.slow
@@ -163,7 +163,7 @@ def test_defaults_are_open_but_same_origin(live_server: LiveServer) -> None:
 
 
 def test_every_key_is_compared_whatever_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
-    keys = security.ApiKeys(["alpha", "beta", "gamma"])
+    keys = api_keys.ApiKeys(["alpha", "beta", "gamma"])
     calls: list[int] = []
     real = hmac.compare_digest
 
@@ -171,7 +171,7 @@ def test_every_key_is_compared_whatever_the_input(monkeypatch: pytest.MonkeyPatc
         calls.append(len(b))
         return real(a, b)
 
-    monkeypatch.setattr(security.hmac, "compare_digest", counting)
+    monkeypatch.setattr(api_keys.hmac, "compare_digest", counting)
     for presented, expected in [
         ("alpha", True),
         ("gamma", True),
@@ -182,4 +182,4 @@ def test_every_key_is_compared_whatever_the_input(monkeypatch: pytest.MonkeyPatc
         calls.clear()
         assert keys.check(presented) is expected
         assert calls == [32, 32, 32]  # all keys, as fixed-length digests
-    assert not security.ApiKeys([]) and not security.ApiKeys([""]).check("")
+    assert not api_keys.ApiKeys([]) and not api_keys.ApiKeys([""]).check("")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -414,7 +415,20 @@ def test_calls_in_progress_are_capped_per_client(guarded: LiveServer) -> None:
             for channel in channels:
                 await channel.close()
 
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def cancelled() -> float:
+        text = httpx.get(f"{guarded.base_url}/metrics", headers=auth, timeout=10).text
+        labels = {"method": "ModelStreamInfer", "code": "CANCELLED"}
+        return sample_value(text, "grpc_requests_total", **labels) or 0.0
+
+    before = cancelled()
     refused, live = asyncio.run(run())
+    for _ in range(200):  # the two cancelled streams ended on the server too: released
+        if cancelled() >= before + 2:
+            break
+        time.sleep(0.05)
+    assert cancelled() >= before + 2
     assert refused.code() == grpc.StatusCode.UNAVAILABLE
     assert refused.details().startswith("too_many_calls_from_client: ")
     assert ("retry-after", "1") in tuple(refused.trailing_metadata() or ())
