@@ -38,7 +38,8 @@ test-fast: install
 # app/core/uvicorn_protocols.py uses uvicorn's internals: an upgrade is this one command.
 UPGRADE_PACKAGES := uvicorn[standard] starlette fastapi websockets httptools
 UPGRADE_TESTS := tests/test_hostile_http.py tests/test_hostile_echo.py tests/test_api_echo.py \
-	tests/test_echo_route.py tests/test_hostile_parsing.py tests/test_hostile_round2.py
+	tests/test_echo_route.py tests/test_hostile_parsing.py tests/test_hostile_round2.py \
+	tests/test_edge_lifetimes.py
 test-upgrade: install
 	rm -rf .upgrade
 	$(PY) -m pip install --quiet --upgrade --target .upgrade $(UPGRADE_PACKAGES)
