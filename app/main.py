@@ -29,6 +29,7 @@ from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
 from app.core.runtime import tune_runtime
+from app.services.echo_sequences import EchoSequences
 from app.services.echo_service import EchoService
 from app.services.model_repository import ModelRepository, Version
 from app.services.uploads import UploadLimiter
@@ -104,6 +105,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = state.settings
     state.lifecycle = lifecycle = Lifecycle()
     state.echo = echo_service = EchoService(settings)
+    state.sequences = EchoSequences(echo_service)
     state.models = models = ModelRepository(settings, echo_service)  # fails fast: no model
     _report_stopping_on_sigterm(lifecycle)
     loader = asyncio.create_task(_load(state))

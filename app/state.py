@@ -17,6 +17,7 @@ from app.core.errors import NotReady
 
 if TYPE_CHECKING:
     from app.services.digit_service import DigitService
+    from app.services.echo_sequences import EchoSequences
     from app.services.echo_service import EchoService
     from app.services.model_repository import ModelRepository
     from app.services.uploads import UploadLimiter
@@ -38,6 +39,7 @@ class AppState:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     models: ModelRepository | None = None
     echo: EchoService | None = None
+    sequences: EchoSequences | None = None  # v2 sequences on echo_rnn (HTTP and gRPC)
     uploads: UploadLimiter | None = None
 
     def digit_service(self, version: int | None = None) -> DigitService:

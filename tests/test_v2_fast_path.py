@@ -37,6 +37,7 @@ IMAGES = {"name": "images", "shape": [2, 28, 28], "datatype": "UINT8"}
 HEADER = _json({"inputs": [{**IMAGES, "parameters": {"binary_data_size": 2 * 784}}],
                 "parameters": {"binary_data_output": True}})  # fmt: skip
 BINARY = {"Inference-Header-Content-Length": str(len(HEADER))}
+SEQUENCE_BITS = {"name": "bits", "shape": [1, 3], "datatype": "UINT8", "data": [1, 0, 1]}
 CASES: list[tuple[str, bytes, dict[str, str]]] = [
     ("mnist_lstm", _json({"id": "a", "inputs": [{**IMAGES, "data": [7] * 2 * 784}]}), {}),
     ("mnist_lstm/versions/1", HEADER + bytes(2 * 784), BINARY),
@@ -45,6 +46,7 @@ CASES: list[tuple[str, bytes, dict[str, str]]] = [
     ("mnist_lstm", b"{", {}),
     ("mnist_lstm", _json({"inputs": [{**IMAGES, "shape": [2, 784], "data": [0] * 1568}]}), {}),
     ("echo_rnn", _json({"inputs": [{**IMAGES, "data": [0] * 1568}]}), {}),
+    ("echo_rnn", _json({"parameters": {"sequence_id": 1}, "inputs": [SEQUENCE_BITS]}), {}),
     ("resnet", b"{}", {}),
 ]
 
@@ -95,7 +97,8 @@ def test_fast_path_and_route_answer_alike(ready: bool) -> None:
     assert fast_calls == route_calls == (2 if ready else 0)
     statuses = [status for status, _, _ in fast]
     ok = 200 if ready else 503
-    assert statuses == [ok, ok, 404, 400, 400, 400, 400, 404]
+    # echo_rnn: no sequence_id (400); a sequence step with no echo service here (503)
+    assert statuses == [ok, ok, 404, 400, 400, 400, 400, 503, 404]
     if ready:
         assert orjson.loads(fast[0][2])["id"] == "a"
         n = int(fast[1][1])

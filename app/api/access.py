@@ -84,7 +84,11 @@ class AccessGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if self.keys and not is_public(scope["path"]) and not self.keys.check(_bearer(scope)):
+            if (
+                self.keys
+                and not is_public(scope["path"])
+                and not self.keys.check(bearer_key(scope))
+            ):
                 response = service_error_response(_unauthorized())
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
@@ -106,7 +110,7 @@ class AccessGuard:
             )
         if self.keys and not is_public(scope["path"]):
             query = QueryParams(scope.get("query_string", b""))
-            presented = _bearer(scope) or query.get("access_token")
+            presented = bearer_key(scope) or query.get("access_token")
             if not self.keys.check(presented):
                 return _unauthorized()
         return None
@@ -146,7 +150,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return Headers(scope=scope).get(name.decode("latin-1"))
 
 
-def _bearer(scope: Scope) -> str | None:
+def bearer_key(scope: Scope) -> str | None:
+    """The credential of an ``Authorization: Bearer`` header, if the request has one."""
     value = _header(scope, b"authorization")
     if value is None:
         return None

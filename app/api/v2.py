@@ -3,8 +3,10 @@
 Triton's, KServe's and MLServer's clients and tools work unchanged: server and model metadata,
 health, model readiness, and ``infer`` on ``mnist_lstm`` through the same dynamic batcher,
 limits and metrics as ``POST /predict/digit`` (JSON or the binary tensor data extension).
-``echo_rnn`` is listed, but it is stateful: its ``infer`` answers an error pointing to ``/echo``.
-Every failure is ``{"error": "<code>: <detail>"}`` with the protocol's status (``V2Route``).
+``echo_rnn`` is served through Triton's sequence extension (``parameters.sequence_id``,
+``sequence_start``, ``sequence_end``; ``app.services.echo_sequences``, docs/sequences.md): its
+sequences are ``/echo`` sessions. Every failure is ``{"error": "<code>: <detail>"}`` with the
+protocol's status (``V2Route``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
+from starlette.types import Scope
 
+from app.api.access import bearer_key, split_list
 from app.api.errors import ApiError, http_status
 from app.api.params import parse_version
 from app.api.responses import OrjsonResponse
@@ -24,6 +28,7 @@ from app.api.v2_request import HEADER_LENGTH, parse_infer, render_infer, wanted_
 from app.core import errors as svc
 from app.schemas import v2 as schema
 from app.services import tensor_codec
+from app.services.echo_sequences import scope_of, sequence_bits, sequence_key
 from app.services.models import ServedModel
 from app.state import AppState, app_state
 from modelspec.contract import (
@@ -31,9 +36,7 @@ from modelspec.contract import (
     DIGIT_MODEL,
     DIGIT_OUTPUT,
     ECHO_BITS,
-    ECHO_LENGTHS,
     ECHO_PROBABILITIES,
-    ECHO_STATE,
     IMAGE_SIZE,
     NUM_CLASSES,
 )
@@ -41,9 +44,11 @@ from modelspec.contract import (
 log = logging.getLogger(__name__)
 
 PLATFORM = "tensorflow_savedmodel"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "sequence", "sequence(string_id)"]
 DIGIT_LABEL = "digit"  # INT64 [n]: the most probable digit, beside the probabilities
 DIGIT_OUTPUTS = (DIGIT_OUTPUT, DIGIT_LABEL)
+ECHO_OUTPUT_BITS = "bits"  # UINT8 [1, T]: the predicted bits, beside the probabilities
+ECHO_OUTPUTS = (ECHO_PROBABILITIES, ECHO_OUTPUT_BITS)
 
 # The protocol answers a bad request with 400 where the native routes say 422 or 415; every
 # other status is the one app.api.errors maps the domain error to.
@@ -97,6 +102,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "Malformed request: JSON, datatype, shape, data, binary sizes, outputs.",
         404: "Unknown model or version.",
+        409: "Another request of the same sequence holds it (sequence_busy).",
         413: "Body over MAX_REQUEST_BYTES or more images than MAX_BATCH_IMAGES.",
         503: "Not ready (loading or stopping).",
         504: "Inference did not finish within REQUEST_TIMEOUT_S.",
@@ -133,16 +139,11 @@ def _metadata(state: AppState, model: ServedModel) -> dict[str, Any]:
             _tensor(DIGIT_OUTPUT, "FP32", -1, NUM_CLASSES),
             _tensor(DIGIT_LABEL, "INT64", -1),
         ]
-    else:  # echo_rnn's step signature (served over the WebSocket /echo only)
-        dim = model.state_dim  # type: ignore[attr-defined]
-        inputs = [
-            _tensor(ECHO_BITS, "FP32", -1, -1),
-            _tensor(ECHO_STATE, "FP32", -1, dim),
-            _tensor(ECHO_LENGTHS, "INT32", -1),
-        ]
+    else:  # echo_rnn as a sequence model: one sequence's next T bits a request
+        inputs = [_tensor(ECHO_BITS, "UINT8", 1, -1)]
         outputs = [
-            _tensor(ECHO_PROBABILITIES, "FP32", -1, -1),
-            _tensor(ECHO_STATE, "FP32", -1, dim),
+            _tensor(ECHO_PROBABILITIES, "FP32", 1, -1),
+            _tensor(ECHO_OUTPUT_BITS, "UINT8", 1, -1),
         ]
     return {
         "name": model.name,
@@ -223,7 +224,7 @@ def _ready_response(state: AppState, name: str, version: str | None) -> OrjsonRe
 
 
 async def infer(request: Request) -> Response:
-    """Classify digits: input ``images`` FP32 [n, 28, 28] in [0, 1] or UINT8 0–255."""
+    """Classify digits (``mnist_lstm``), or advance a sequence (``echo_rnn``)."""
     params = request.path_params
     body = await request.body()
     content, headers = await infer_body(
@@ -232,21 +233,24 @@ async def infer(request: Request) -> Response:
         params.get("model_version"),
         body,
         request.headers.get(HEADER_LENGTH),
+        request.scope,
     )
     return Response(content, headers=headers)
 
 
 async def infer_body(
-    state: AppState, name: str, version: str | None, body: bytes, header_length: str | None
+    state: AppState,
+    name: str,
+    version: str | None,
+    body: bytes,
+    header_length: str | None,
+    scope: Scope,
 ) -> tuple[bytes, dict[str, str]]:
-    """An infer request's body → the response body and headers (``V2InferRoute`` too)."""
+    """An infer request's body → the response body and headers (``V2InferRoute`` too); the
+    request's ASGI ``scope`` gives a sequence's API key and client address."""
     model = _model(state, name, version)
     if model.name != DIGIT_MODEL:
-        raise svc.InvalidInput(
-            f"{model.name} is stateful: stream its bits over the WebSocket /echo (sessions that "
-            "keep the model state, with resume tokens); v2 infer serves mnist_lstm",
-            "stateful_model",
-        )
+        return await _sequence_step(state, model, version is not None, body, header_length, scope)
     settings = state.settings
     parsed, tensors = parse_infer(body, header_length, settings.max_request_bytes)
     outputs = wanted_outputs(parsed, DIGIT_OUTPUTS)
@@ -269,6 +273,61 @@ async def infer_body(
     )
 
 
+async def _sequence_step(
+    state: AppState,
+    model: ServedModel,
+    versioned: bool,
+    body: bytes,
+    header_length: str | None,
+    scope: Scope,
+) -> tuple[bytes, dict[str, str]]:
+    """One step of an ``echo_rnn`` sequence: input ``bits`` [1, T] → ``probabilities`` and
+    ``bits`` [1, T]; ``parameters.replayed`` when a retried ``id`` got its stored answer."""
+    parsed, tensors = parse_infer(body, header_length, state.settings.max_request_bytes)
+    params = parsed.parameters or {}
+    sequence_key(params.get("sequence_id"))  # first: without it nothing else matters
+    sequences = state.sequences
+    if sequences is None:
+        raise svc.NotReady("the echo service is not ready")
+    outputs = wanted_outputs(parsed, ECHO_OUTPUTS)
+    if len(tensors) != 1 or tensors[0].name != ECHO_BITS:
+        names = ", ".join(repr(svc.clip(t.name)) for t in tensors[:3])
+        raise svc.InvalidInput(
+            f"{model.name} takes exactly one input, {ECHO_BITS!r} [1, T]; got {names}",
+            "invalid_request",
+        )
+    (tensor,) = tensors
+    if len(tensor.shape) != 2 or tensor.shape[0] != 1:  # before decoding anything
+        raise svc.InvalidInput(
+            f"input {ECHO_BITS!r}: shape must be [1, T], one sequence's next T bits; got "
+            f"{list(tensor.shape)}",
+            "invalid_shape",
+        )
+    keys_on = bool(split_list(state.settings.api_keys.get_secret_value()))
+    client = scope.get("client")
+    reply = await sequences.step(
+        scope=scope_of(bearer_key(scope) if keys_on else None),
+        sequence_id=params.get("sequence_id"),
+        start=params.get("sequence_start", False),
+        end=params.get("sequence_end", False),
+        request_id=parsed.id,
+        bits=sequence_bits(ECHO_BITS, tensor.decode()),
+        version=model.version if versioned else None,
+        client=client[0] if client else None,
+    )
+    arrays = {
+        ECHO_PROBABILITIES: reply.probabilities.reshape(1, -1),
+        ECHO_OUTPUT_BITS: reply.bits.reshape(1, -1),
+    }
+    return render_infer(
+        model.name,
+        str(reply.version),
+        parsed.id,
+        [(n, arrays[n], b) for n, b in outputs],
+        {"replayed": True} if reply.replayed else None,
+    )
+
+
 def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -285,8 +344,11 @@ for _path in INFER_PATHS:
         description=(
             "`mnist_lstm`: input `images` FP32 `[n, 28, 28]` in [0, 1] or UINT8 0–255 (n ≤ "
             "`MAX_BATCH_IMAGES`); outputs `probabilities` FP32 `[n, 10]` and `digit` INT64 "
-            "`[n]`. Through the same dynamic batcher as `POST /predict/digit`. `echo_rnn` is "
-            "stateful: use the WebSocket `/echo`."
+            "`[n]`. Through the same dynamic batcher as `POST /predict/digit`. `echo_rnn`: "
+            "Triton's sequence extension, `parameters.sequence_id` (uint64 or string), "
+            "`sequence_start`, `sequence_end`; input `bits` `[1, T]` of 0/1; outputs "
+            "`probabilities` FP32 and `bits` UINT8 `[1, T]`; a retried `id` gets its stored "
+            "answer (`parameters.replayed`). See docs/sequences.md."
         ),
         responses={
             200: {"content": {"application/json": {"example": schema.INFER_RESPONSE_EXAMPLE}}},

@@ -37,7 +37,7 @@ class V2InferRoute(RawRoute):
         name, version = params["model_name"], params.get("model_version")
         try:
             content, headers = await infer_body(
-                app_state(conn), name, version, body, conn.headers.get(HEADER_LENGTH)
+                app_state(conn), name, version, body, conn.headers.get(HEADER_LENGTH), scope
             )
         except Exception as exc:
             return v2_error(exc, scope["path"])

@@ -141,6 +141,7 @@ def render_infer(
     model_version: str,
     request_id: str | None,
     outputs: list[tuple[str, np.ndarray, bool]],
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers; binary outputs follow the JSON header as raw bytes."""
     docs, blobs = [], []
@@ -160,6 +161,8 @@ def render_infer(
     response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         response["id"] = request_id
+    if parameters:
+        response["parameters"] = parameters
     response["outputs"] = docs
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:

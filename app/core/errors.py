@@ -75,6 +75,20 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class SequenceError(InvalidInput):
+    """A sequence request (v2 ``sequence_id``) its sequence cannot take: no or a bad
+    ``sequence_id``, a step of an unknown or ended sequence without ``sequence_start``, an ``id``
+    answered before with other bits (HTTP 400 on v2, like Triton; gRPC ``INVALID_ARGUMENT``)."""
+
+    code = "sequence_error"
+
+
+class SequenceBusy(Conflict):
+    """Another request of the same sequence held it for too long (HTTP 409, gRPC ``ABORTED``)."""
+
+    code = "sequence_busy"
+
+
 class NotReady(ServiceError):
     """Loading or stopping (HTTP 503, WebSocket 1013)."""
 

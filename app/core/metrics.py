@@ -124,6 +124,11 @@ ECHO_ACTIVE_SESSIONS = Gauge("echo_active_sessions", "Echo sessions with an open
 ECHO_STORED_SESSIONS = Gauge("echo_stored_sessions", "Echo sessions kept (open or resumable).")
 ECHO_MESSAGES = Counter("echo_messages_total", "Echo messages answered.")
 ECHO_ERRORS = Counter("echo_errors_total", "Echo error frames sent, by code.", ["code"])
+ECHO_SEQUENCE_STEPS = Counter(
+    "echo_sequence_steps_total",
+    "v2 sequence steps answered: advanced, or replayed for a retried request id.",
+    ["outcome"],
+)
 ECHO_SESSIONS_REFUSED = Counter(
     "echo_sessions_refused_total", "Echo connections refused a session, by reason.", ["reason"]
 )

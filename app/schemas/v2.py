@@ -30,7 +30,9 @@ class V2Error(BaseModel):
 class ServerMetadata(BaseModel):
     name: str = Field(examples=["rnn-serving"])
     version: str = Field(examples=["0.1.0"])
-    extensions: list[str] = Field(examples=[["binary_tensor_data"]])
+    extensions: list[str] = Field(
+        examples=[["binary_tensor_data", "sequence", "sequence(string_id)"]]
+    )
 
 
 class ServerLive(BaseModel):

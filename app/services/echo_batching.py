@@ -49,10 +49,13 @@ class Echoed(NamedTuple):
 class Message:
     """One session's message in flight: the bits still to run and the answers so far."""
 
-    __slots__ = ("bits", "chunk", "done", "probs", "saved", "session", "slot", "store")
+    __slots__ = ("bits", "chunk", "done", "probs", "saved", "session", "slot", "store", "tag")
 
-    def __init__(self, store: SessionStore, session: Session, chunk: bytes) -> None:
+    def __init__(
+        self, store: SessionStore, session: Session, chunk: bytes, tag: bytes = b""
+    ) -> None:
         self.store, self.session, self.slot, self.chunk = store, session, session.slot, chunk
+        self.tag = tag  # packed after the reply (a v2 sequence step's SequenceTag), else b""
         self.done = 0  # bits answered so far
         self.saved: np.ndarray | None = None  # the state before a long message's first slice
         self.probs: list[np.ndarray] = []
@@ -128,7 +131,7 @@ class EchoSteps:
         for i, m in enumerate(messages):
             n = min(len(m.chunk) - m.done, self.max_steps)
             if m.done == 0 and n == len(m.chunk):  # the usual case: the whole message at once
-                results.append(_echoed(m.session, probs[i, :n], bits[i, :n]))
+                results.append(_echoed(m.session, probs[i, :n], bits[i, :n], m.tag))
                 answered += 1
                 continue
             m.probs.append(probs[i, :n].copy())
@@ -137,7 +140,8 @@ class EchoSteps:
             if m.done < len(m.chunk):
                 results.append(AGAIN)
             else:
-                results.append(_echoed(m.session, np.concatenate(m.probs), np.concatenate(m.bits)))
+                probs_i, bits_i = np.concatenate(m.probs), np.concatenate(m.bits)
+                results.append(_echoed(m.session, probs_i, bits_i, m.tag))
                 answered += 1
         ECHO_MESSAGES.inc(answered)
         return results
@@ -166,6 +170,6 @@ class EchoSteps:
         return results
 
 
-def _echoed(session: Session, probs: np.ndarray, bits: np.ndarray) -> Echoed:
+def _echoed(session: Session, probs: np.ndarray, bits: np.ndarray, tag: bytes) -> Echoed:
     seq = session.seq + 1
-    return Echoed(probs, bits, seq, pack_reply(seq, probs, bits))
+    return Echoed(probs, bits, seq, pack_reply(seq, probs, bits, tag))

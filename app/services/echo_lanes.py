@@ -84,20 +84,24 @@ class EchoLane:
         if self.store is not None:
             self.store.clear()
 
+    def holds(self, session_id: str) -> bool:
+        """The session is in this lane's store now (attached or, memory store, resumable)."""
+        return self.store is not None and session_id in self.store.sessions
+
     def store_knows(self, session_id: str) -> bool:
         return self.store is not None and self.store.knows(session_id)
 
-    def create(self) -> Session:
+    def create(self, session_id: str | None = None, token: str | None = None) -> Session:
         assert self.store is not None
-        session = self.store.create()
+        session = self.store.create(session_id, token)
         session.version = self.version
         return session
 
-    async def advance(self, session: Session, chunk: bytes) -> Echoed:
+    async def advance(self, session: Session, chunk: bytes, tag: bytes = b"") -> Echoed:
         """All or nothing: a failed (or cancelled) message leaves the state as it was."""
         if self.batcher is None or self.store is None:
             raise GoingAway("the echo service is not running", "shutting_down")
-        message = Message(self.store, session, chunk)
+        message = Message(self.store, session, chunk, tag)
         try:
             return await self.batcher.submit(message)
         except BaseException:

@@ -31,7 +31,16 @@ from collections.abc import Callable
 from typing import Protocol
 
 from app.core.config import Settings
-from app.core.errors import GoingAway, IdleTimeout, LeaseLost, NotFound, NotReady, ServiceError
+from app.core.errors import (
+    Conflict,
+    GoingAway,
+    IdleTimeout,
+    LeaseLost,
+    NotFound,
+    NotReady,
+    SequenceBusy,
+    ServiceError,
+)
 from app.core.metrics import ECHO_CUT_OFF
 from app.services.client_limits import ClientLimits, client_key
 from app.services.echo_batching import Echoed
@@ -42,6 +51,9 @@ from app.services.redis_sessions import NotReplicated, RedisSessions, Step
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 1000  # idle connections ended per lane in one sweeper pass
+# A v2 sequence step finding its session attached on another replica (a request of the same
+# sequence being answered there) tries again after these pauses, then answers sequence_busy.
+SEQUENCE_IN_USE_RETRIES_S = (0.01, 0.02, 0.04, 0.08, 0.16)
 
 
 class Closable(Protocol):
@@ -181,6 +193,136 @@ class EchoService:
         self._clients[session.id] = key
         return session
 
+    async def open_sequence(
+        self, session_id: str, token: str, client: str | None, start: EchoLane | None
+    ) -> tuple[Session, int]:
+        """Attach a v2 sequence's session for one request (``app.services.echo_sequences``):
+        the one with ``session_id``, or, with ``start`` (a ``sequence_start``), a new one on
+        that lane when there is none. No connection holds it: :meth:`close` detaches it after.
+
+        Returns the session and the model version its stored state belongs to. They differ only
+        with Redis, when that version is not served here any more and ``start`` is given: the
+        session is then on ``start``'s lane in its initial state, and :meth:`move` writes the
+        new version before it is advanced. Raises ``NotFound`` (unknown, expired or evicted
+        without ``start``; its version gone), ``SequenceBusy`` (another replica held it for
+        too long), the per-client limits' ``Overloaded`` (a ``start`` counts as a new session)
+        and the store's errors.
+        """
+        if not self.running:
+            raise NotReady("no echo model version is serving")
+        key = client_key(client)
+        self.limits.admit(key, new=start is not None)
+        try:
+            if self.durable is None:
+                session = self._open_sequence_here(session_id, token, start)
+                version = session.version
+            else:
+                session, version = await self._open_sequence_durable(session_id, token, start)
+        except BaseException:
+            self.limits.release(key)
+            raise
+        self._clients[session.id] = key
+        return session, version
+
+    def _open_sequence_here(self, session_id: str, token: str, start: EchoLane | None) -> Session:
+        lanes = list(self.lanes.values())
+        lane = next((x for x in lanes if x.holds(session_id)), None)
+        if lane is None:  # for the error: unknown, or evicted lately
+            lane = next((x for x in lanes if x.store_knows(session_id)), None)
+        if lane is not None and lane.store is not None:
+            try:
+                return lane.store.resume(session_id, token)
+            except NotFound:
+                if start is None:
+                    raise
+        if start is None:
+            raise NotFound("unknown or expired session_id", "session_not_found")
+        return start.create(session_id, token)
+
+    async def _open_sequence_durable(
+        self, session_id: str, token: str, start: EchoLane | None
+    ) -> tuple[Session, int]:
+        assert self.durable is not None
+        await self._settle_release(session_id)
+        for delay in (*SEQUENCE_IN_USE_RETRIES_S, None):
+            try:
+                stored = await self.durable.acquire(session_id, token)
+                break
+            except NotReplicated as exc:
+                if exc.fence is not None:
+                    await self._release(session_id, exc.fence)
+                raise
+            except NotFound:
+                if start is None:
+                    raise
+                session = start.create(session_id, token)
+                try:
+                    await self._create_durable(start, session)
+                except Conflict as exc:
+                    if exc.code != "session_exists":
+                        raise
+                    continue  # another replica started it meanwhile: attach that one
+                return session, session.version
+            except Conflict as exc:  # a request on another replica holds it (for a few ms)
+                if exc.code != "session_in_use" or delay is None:
+                    if exc.code == "session_in_use":
+                        raise SequenceBusy(
+                            f"another request of this sequence holds it; {exc.detail}"
+                        ) from None
+                    raise
+                await asyncio.sleep(delay)
+        else:  # created and taken by others every time
+            raise SequenceBusy("the sequence is being started elsewhere; retry")
+        lane = self.lanes.get(stored.version)
+        state = stored.state
+        if lane is None or lane.store is None:
+            if start is None or start.store is None:
+                await self._release(session_id, stored.fence)
+                raise NotFound(
+                    f"the sequence runs on echo_rnn version {stored.version}, which this server "
+                    f"does not serve (it serves {sorted(self.lanes)})",
+                    "session_version_unavailable",
+                )
+            lane, state = start, start.store.initial  # restarted there (move writes it)
+        try:
+            assert lane.store is not None
+            session = lane.store.adopt(session_id, token, state, stored.seq, stored.replies)
+            session.version = lane.version
+        except BaseException:
+            await self._release(session_id, stored.fence)
+            raise
+        session.fence = stored.fence
+        return session, stored.version
+
+    async def move(self, session: Session, lane: EchoLane, stored_version: int) -> Session:
+        """Restart an attached sequence session in the initial state of ``lane`` (a
+        ``sequence_start`` after a newer version took the new sequences), keeping its seq and
+        its last replies; with Redis the new version is written at once (``LeaseLost`` if the
+        session was taken meanwhile). Returns the session as it is now (a new object when it
+        changed lanes)."""
+        assert lane.store is not None
+        if session.version != lane.version:
+            old = self.lanes[session.version].store
+            assert old is not None
+            seq, replies, fence = session.seq, list(session.replies), session.fence
+            old.discard(session)
+            try:
+                session = lane.store.adopt(
+                    session.id, session.token, lane.store.initial, seq, replies
+                )
+            except BaseException:  # e.g. the new lane's store is full: give the session up
+                if self.durable is not None:
+                    await self._release(session.id, fence)
+                raise
+            session.version, session.fence = lane.version, fence
+        else:
+            lane.store.reset(session)
+        if self.durable is not None and stored_version != lane.version:
+            initial = lane.store.initial
+            if not await self.durable.restart(session.id, session.fence, initial, lane.version):
+                raise LeaseLost()
+        return session
+
     async def close(self, session: Session, **log_extra: object) -> None:
         """The connection of ``session`` ended; the session stays resumable until its TTL."""
         self._connections.pop(session.id, None)
@@ -210,14 +352,19 @@ class EchoService:
             raise
         session.fence = 1
 
-    async def _attach_durable(self, session_id: str, token: str) -> Session:
-        assert self.durable is not None
+    async def _settle_release(self, session_id: str) -> None:
+        """Before attaching: wait for this process's release of the session, if one runs, and
+        retry one that failed."""
         releasing = self._releasing.get(session_id)
         if releasing is not None:
             await releasing
         unreleased = self._unreleased.pop(session_id, None)
         if unreleased is not None:  # detached here while Redis failed: give it up first
             await self._release(session_id, unreleased)
+
+    async def _attach_durable(self, session_id: str, token: str) -> Session:
+        assert self.durable is not None
+        await self._settle_release(session_id)
         try:
             stored = await self.durable.acquire(session_id, token)
         except NotReplicated as exc:  # attached, but not on enough replicas: not ours to use
@@ -300,16 +447,17 @@ class EchoService:
                 if session is not None and session.fence == fence:
                     self._end(session, LeaseLost("another connection took the session"))
 
-    async def advance(self, session: Session, chunk: bytes) -> Echoed:
+    async def advance(self, session: Session, chunk: bytes, tag: bytes = b"") -> Echoed:
         """Advance ``session`` by one message's bits → probabilities, bits, the reply's seq.
 
         All or nothing: if it fails (or the caller is cancelled), the session's state stays as
-        it was after its last answered message.
+        it was after its last answered message. ``tag`` is packed after the reply (a v2
+        sequence step's ``SequenceTag``).
         """
         lane = self.lanes.get(session.version)
         if lane is None:
             raise GoingAway("the echo service is not running", "shutting_down")
-        return await lane.advance(session, chunk)
+        return await lane.advance(session, chunk, tag)
 
     async def reset(self, session: Session) -> None:
         """Back to the initial state of the session's own version (stored first, with Redis)."""

@@ -104,12 +104,16 @@ class SessionStore:
         """The session is here (attached or resumable), or was evicted from here lately."""
         return session_id in self.sessions or session_id in self._evicted
 
-    def create(self) -> Session:
+    def create(self, session_id: str | None = None, token: str | None = None) -> Session:
         """A new attached session in the initial state; evicts the LRU detached one at the cap.
 
-        Refused (``Overloaded``) only when all ``max_sessions`` sessions are attached.
+        Random id and token unless given (a v2 sequence's session has an id derived from its
+        ``sequence_id``; the caller made sure no session has it). Refused (``Overloaded``) only
+        when all ``max_sessions`` sessions are attached.
         """
-        session = self._new(secrets.token_urlsafe(16), secrets.token_urlsafe(32))
+        session = self._new(
+            session_id or secrets.token_urlsafe(16), token or secrets.token_urlsafe(32)
+        )
         log.info("echo session opened", extra={"session": session.id, "resumed": False})
         return session
 
@@ -155,6 +159,7 @@ class SessionStore:
             self._grow()
         slot = self._free.pop()
         self.states[slot] = self.initial
+        self._evicted.pop(session_id, None)  # a sequence's id, reused: not "evicted" any more
         session = Session(session_id, token, slot, self.replies)
         self.sessions[session.id] = session
         self._attach(session)

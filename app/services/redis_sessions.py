@@ -156,6 +156,16 @@ return 1
 """
 
 
+# A v2 sequence restarted on another model version. KEYS: hash; ARGV: fence, state, version,
+# ttl ms. -> 1 written / 0 fenced off.
+_RESTART = """
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'st', ARGV[2], 'ver', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Stored:
     """A session as read back from Redis when it is attached."""
@@ -237,6 +247,7 @@ class RedisSessions:
                 "commit": _COMMIT,
                 "reclaim": _RECLAIM,
                 "release": _RELEASE,
+                "restart": _RESTART,
             }.items()
         }
 
@@ -376,6 +387,13 @@ class RedisSessions:
         stored = await self._write("commit", keys, args)
         return [bool(x) for x in stored]
 
+    async def restart(self, session_id: str, fence: int, state: np.ndarray, version: int) -> bool:
+        """Put an attached session in ``state`` on model ``version`` (a v2 sequence started
+        again after a new version took over); False if its fence moved on."""
+        keys = [self._key(session_id)]
+        args = [fence, _state_bytes(state), version, self.attached_ttl_ms]
+        return bool(await self._write("restart", keys, args))
+
     async def reclaim(self, leases: list[tuple[str, int]]) -> list[bool]:
         """After the owner key lapsed: which of these sessions are still this process's (their
         fence unchanged: held again from now on) and which were taken over (False)."""
@@ -507,6 +525,8 @@ def _wrote(op: str, answer: object) -> bool:
         return isinstance(answer, list) and answer[0] == b"ok"
     if op == "commit":
         return isinstance(answer, list) and 1 in answer
+    if op == "restart":
+        return answer == 1
     return True  # release
 
 
