@@ -70,7 +70,7 @@ soak: install
 # started as compose project rnn-serving-chaos, 40 echo streams through nginx while an API
 # replica is SIGKILLed, the Redis primary SIGKILLed, then stalled, and nginx restarted; every
 # reply exactly once, recovery times per fault; always taken down. More: CHAOS_ARGS, e.g.
-# --out STEM to record a run in STEM.json and STEM.md, --port, --streams, --faults.
+# --out bench/results to record a run (chaos.json, chaos.md), --port, --streams, --faults.
 CHAOS_ARGS ?=
 chaos: install
 	$(PY) -m bench.chaos --build $(CHAOS_ARGS)

@@ -42,7 +42,7 @@ in order); each session's stored ``seq``, read from the primary, equals the repl
 got (0 acknowledged steps lost); each stream equals an unbroken one (a fresh session fed the
 same messages after the faults, through nginx, never reconnected): bits equal, probabilities
 within 1e-5; the unbroken streams are echoes (bits = the input ``echo_step`` earlier). Exit 1
-when a check fails. ``--out STEM`` writes ``STEM.json`` and ``STEM.md``.
+when a check fails. ``--out DIR`` writes ``DIR/chaos.json`` and ``DIR/chaos.md``.
 
 Needs a local Docker engine (container PIDs are signalled from this host, as root or the
 engine's user) and the dev venv; the client is imported from clients/python/src when it is not
@@ -818,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", action="store_true", help="build the API image first")
     ap.add_argument("--keep", action="store_true", help="leave the stack up at the end")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, help="write STEM.json and STEM.md")
+    ap.add_argument("--out", type=Path, help="write chaos.json and chaos.md into this folder")
     args = ap.parse_args(argv)
     args.faults = [f for f in args.faults.split(",") if f]
     unknown = set(args.faults) - set(FAULTS)
@@ -837,10 +837,10 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(result)
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(report)
-        log(f"wrote {args.out.with_suffix('.json')} and .md")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "chaos.md").write_text(report)
+        log(f"wrote {args.out / 'chaos.json'} and chaos.md")
     log(f"passed in {time.monotonic() - started:.0f} s")
     return 0
 
