@@ -5,7 +5,7 @@
         --project rnn-serving-scale-smoke          # the short form in .ci/container-smoke.sh
 
 The stack: nginx, 2 API replicas, a Redis primary, 2 replicas and 3 Sentinels
-(``ECHO_STORE_URL=redis+sentinel://...``, ``ECHO_STORE_MIN_REPLICAS=1``). ``--streams`` echo
+(``ECHO_STORE_URL=redis+sentinel://...``, ``ECHO_STORE_MIN_REPLICAS=2``). ``--streams`` echo
 streams run through nginx for the whole test, each a session of the project's Python client
 (``clients/python``, ``rnn_serving_client``: it resumes with ``last_seq`` and hands every reply
 over exactly once), one message of 1-64 random bits every ``--pace`` s, up to ``--window`` in
@@ -46,8 +46,9 @@ when a check fails. ``--out DIR`` writes ``DIR/chaos.json`` and ``DIR/chaos.md``
 
 Needs a local Docker engine (container PIDs are signalled from this host, as root or the
 engine's user) and the dev venv; the client is imported from clients/python/src when it is not
-installed. Without ``--no-up`` the stack is started (``up -d --build --wait``) as compose
-project ``--project`` on ``127.0.0.1:--port`` and taken down with its volumes at the end.
+installed. Without ``--no-up`` the stack is started (``up -d --wait``; ``--build`` builds the
+API image first, as ``make chaos`` does) as compose project ``--project`` on
+``127.0.0.1:--port`` and taken down with its volumes at the end (``--keep`` leaves it up).
 """
 
 from __future__ import annotations
