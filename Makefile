@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The MNIST files (tests, make train): $MNIST_DIR, else ../shared/data/mnist beside the checkout,
 # else a checksum-verified download into ~/.cache/rnn-serving/mnist (training/mnist_data.py).
 
-.PHONY: install lint browser test test-fast test-upgrade screenshots serve train bench soak clean
+.PHONY: install lint browser test test-fast test-upgrade screenshots serve train bench soak chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,15 @@ bench: install
 SOAK_SECONDS ?= 1800
 soak: install
 	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
+
+# The chaos test (bench/chaos.py; needs Docker): the scale stack (compose.scale.yaml) built and
+# started as compose project rnn-serving-chaos, 40 echo streams through nginx while an API
+# replica is SIGKILLed, the Redis primary SIGKILLed, then stalled, and nginx restarted; every
+# reply exactly once, recovery times per fault; always taken down. More: CHAOS_ARGS, e.g.
+# --out bench/results to record a run (chaos.json, chaos.md), --port, --streams, --faults.
+CHAOS_ARGS ?=
+chaos: install
+	$(PY) -m bench.chaos --build $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

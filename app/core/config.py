@@ -124,8 +124,9 @@ class Settings(BaseSettings):
         ge=0,
         le=16,
         description="Redis replicas that must hold an echo step (and a session's creation or "
-        "attach) before it is answered (`WAIT`); fewer in time: `store_unavailable`. 0: the "
-        "primary's word is enough (a failover may lose its last writes).",
+        "attach) before it is answered (`WAIT`); fewer in time: `store_unavailable`. Set it to "
+        "the number of replicas: a failover may promote any of them. 0: the primary's word is "
+        "enough (a failover may lose its last writes).",
     )
     echo_lease_s: float = Field(
         10.0,

@@ -393,8 +393,8 @@ class EchoService:
         assert self.durable is not None
         try:
             await self.durable.release([(session_id, fence)])
-        except ServiceError:
-            self._unreleased[session_id] = fence
+        except ServiceError:  # the latest fence covers earlier ones (release takes fence or less)
+            self._unreleased[session_id] = max(fence, self._unreleased.get(session_id, 0))
 
     def _sessions(self) -> list[Session]:
         return [

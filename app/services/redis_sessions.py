@@ -144,10 +144,14 @@ end
 return out
 """
 
-# KEYS: session hashes; ARGV: ttl ms (detached), then fences. Only where the fence is still ours.
+# KEYS: session hashes; ARGV: ttl ms (detached), owner, then fences. Only where this owner
+# holds the session with that fence or an earlier one: a failover can forget an attach (its
+# fence) that the primary it reached had taken but not replicated; the attach before it, the
+# one the promoted replica holds, is this owner's too, and no longer in use.
 _RELEASE = """
 for i, key in ipairs(KEYS) do
-  if redis.call('HGET', key, 'fence') == ARGV[i + 1] then
+  local fence = tonumber(redis.call('HGET', key, 'fence'))
+  if fence and fence <= tonumber(ARGV[i + 2]) and redis.call('HGET', key, 'own') == ARGV[2] then
     redis.call('HDEL', key, 'own')
     redis.call('PEXPIRE', key, ARGV[1])
   end
@@ -405,10 +409,12 @@ class RedisSessions:
     async def release(self, leases: list[tuple[str, int]]) -> None:
         """Give sessions up (detach, shutdown): they resume elsewhere at once, and stay
         resumable ``ttl_s`` from now. Replicated like a step (a promoted replica that lacked it
-        would keep the session in use by this live process, which no longer has it)."""
+        would keep the session in use by this live process, which no longer has it). A session
+        is released where this process holds it with the fence given or an earlier one (an
+        attach that a failover forgot leaves the one before it in place)."""
         if leases:
             keys = [self._key(session_id) for session_id, _ in leases]
-            args = [self.ttl_ms, *(fence for _, fence in leases)]
+            args = [self.ttl_ms, self.owner, *(fence for _, fence in leases)]
             await self._write("release", keys, args)
 
     async def _scripted(self, op: str, keys: list, args: list):
@@ -474,7 +480,7 @@ class RedisSessions:
             if self.error is None:
                 log.warning("echo session store unavailable", extra={"op": op, "error": str(exc)})
             self.error = f"{type(exc).__name__}: {exc}"[:200]
-            if _demoted(exc):  # the server is a replica now: reconnect, asking the Sentinels
+            if _demoted(exc):  # demoted or cut off: reconnect, asking the Sentinels
                 await self._drop_idle_connections()
             raise StoreUnavailable(
                 "the echo session store is unavailable; retry shortly", retry_after_s=1.0
@@ -488,8 +494,9 @@ class RedisSessions:
     async def _drop_idle_connections(self) -> None:
         """A script that writes, run on a demoted primary, fails with an error that only
         mentions READONLY (redis-py's Sentinel connections reconnect on a plain READONLY reply,
-        not on this one), and a pooled connection would go on reaching that server: drop the
-        idle ones (the failed one is back among them), so that the next connect asks again."""
+        not on this one), and on a deposed primary not demoted yet with NOREPLICAS; a pooled
+        connection would go on reaching that server: drop the idle ones (the failed one is back
+        among them), so that the next connect asks the Sentinels again."""
         with contextlib.suppress(Exception):
             await self.client.connection_pool.disconnect(inuse_connections=False)
 
@@ -531,11 +538,13 @@ def _wrote(op: str, answer: object) -> bool:
 
 
 def _demoted(exc: BaseException) -> bool:
-    """Whether ``exc`` says the server reached is a replica (it was demoted by a failover)."""
+    """Whether ``exc`` says the server reached is a replica (it was demoted by a failover) or a
+    primary cut off from its replicas (``min-replicas-to-write``: one that stalled and woke up
+    after a failover elsewhere answers so until the Sentinels demote it, seconds later)."""
     text = str(exc)
     return isinstance(exc, ReadOnlyError) or (
         isinstance(exc, ResponseError)
-        and ("READONLY" in text or "WAIT cannot be used with replica" in text)
+        and any(s in text for s in ("READONLY", "WAIT cannot be used with replica", "NOREPLICAS"))
     )
 
 
