@@ -55,9 +55,9 @@ from typing import NamedTuple
 
 import numpy as np
 import redis.asyncio as redis
-from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
@@ -241,6 +241,9 @@ class RedisSessions:
             pool = self._sentinel_pool(parse_sentinel_url(url), options)
         else:
             pool = redis.BlockingConnectionPool.from_url(url, **options)
+        _check_connection_options(pool)
+        for sentinel in self.sentinel.sentinels if self.sentinel else []:
+            _check_connection_options(sentinel.connection_pool)
         self.client = redis.Redis.from_pool(pool)  # closing the client closes the pool
         self.error: str | None = None  # why the last command failed; None once one succeeded
         self._scripts = {
@@ -279,18 +282,25 @@ class RedisSessions:
 
     def _sentinel_pool(self, url: SentinelUrl, options: dict) -> SentinelConnectionPool:
         """A pool whose connections go to the primary the Sentinels name, asking them again
-        whenever a connection fails or the server it reached answers READONLY (demoted)."""
+        whenever a connection fails or the server it reached answers READONLY (demoted). The
+        Sentinels get the URL's ``sentinel_*`` credentials (none by default), the Redis servers
+        the URL's own; with TLS, both get the same ``ssl_*`` options (CA, client certificate)."""
+        tls = {"ssl": True, **url.ssl} if url.tls else {}
         sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
-        if url.tls:
-            sentinel_options["ssl"] = True
-        self.sentinel = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_options)
+        # redis-py's default retries a Sentinel that is down or refuses the password 10 times,
+        # backing off up to 1 s (8 s per Sentinel, each discovery): once, at once, as servers.
+        sentinel_options["retry"] = Retry(ExponentialBackoff(cap=0.05, base=0.01), 1)
+        if url.sentinel_password is not None:
+            sentinel_options["username"] = url.sentinel_username
+            sentinel_options["password"] = url.sentinel_password
+        self.sentinel = Sentinel(list(url.sentinels), sentinel_kwargs={**sentinel_options, **tls})
         return _BlockingSentinelPool(
             url.master,
             self.sentinel,
             db=url.db,
             username=url.username,
             password=url.password,
-            ssl=url.tls,
+            **tls,
             **options,
         )
 
@@ -477,9 +487,10 @@ class RedisSessions:
             result = await call
         except (redis.RedisError, OSError) as exc:
             ECHO_STORE_ERRORS.labels(op).inc()
-            if self.error is None:
-                log.warning("echo session store unavailable", extra={"op": op, "error": str(exc)})
-            self.error = f"{type(exc).__name__}: {exc}"[:200]
+            first = self.error is None
+            self.error = await self._sentinel_trouble(exc) or f"{type(exc).__name__}: {exc}"[:200]
+            if first:
+                log.warning("echo session store unavailable", extra={"op": op, "error": self.error})
             if _demoted(exc):  # demoted or cut off: reconnect, asking the Sentinels
                 await self._drop_idle_connections()
             raise StoreUnavailable(
@@ -490,6 +501,32 @@ class RedisSessions:
             log.info("echo session store is back", extra={"op": op})
             self.error = None
         return result
+
+    async def _sentinel_trouble(self, exc: BaseException) -> str | None:
+        """What each Sentinel answers, when none named a primary: redis-py's message has only
+        each error's class (``AuthenticationError``, ``ConnectionError``: a refused password
+        and a refused certificate look alike). Asks once per new failure, not on every command
+        while it lasts."""
+        if self.sentinel is None or not isinstance(exc, MasterNotFoundError):
+            return None
+        if self.error is not None and self.error.startswith("MasterNotFoundError"):
+            return self.error
+        service = self.client.connection_pool.service_name
+        found = []
+        for sentinel in self.sentinel.sentinels:
+            kwargs = sentinel.connection_pool.connection_kwargs
+            where = f"{kwargs.get('host')}:{kwargs.get('port')}"
+            try:
+                state = (await sentinel.sentinel_masters()).get(service)
+            except (redis.RedisError, OSError) as error:
+                text = str(error)
+                said = text if where in text else f"{where}: {text}"  # ConnectionError names it
+                found.append(f"{type(error).__name__}: {said}"[:160])
+                continue
+            known = "a primary that is down" if state else "no such master"
+            found.append(f"{where} knows {known}")
+        listed = "; ".join(found)
+        return f"MasterNotFoundError: no Sentinel named a primary for {service!r}: {listed}"[:600]
 
     async def _drop_idle_connections(self) -> None:
         """A script that writes, run on a demoted primary, fails with an error that only
@@ -522,6 +559,25 @@ class NotReplicated(StoreUnavailable):
         )
         self.answer = answer
         self.fence: int | None = None  # an attach's fence, to give back
+
+
+def _check_connection_options(pool: ConnectionPool) -> None:
+    """Refuse at startup what would otherwise fail every connection: a query option that
+    redis-py does not take (``rediss://...?ssl_ca_cert=``), or TLS files that do not load (a
+    CA file that is missing or not PEM). Builds one connection object, connects nothing; the
+    errors name the problem, never the URL."""
+    try:
+        connection = pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:  # "... got an unexpected keyword argument 'x'": names only
+        raise ValueError(f"ECHO_STORE_URL has an option redis-py does not take: {exc}") from None
+    context = getattr(connection, "ssl_context", None)
+    if context is not None:
+        try:
+            context.get()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(
+                f"ECHO_STORE_URL's TLS options do not load ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def _wrote(op: str, answer: object) -> bool:
