@@ -108,6 +108,8 @@ def drive(
         "msgs_per_s": row["msgs_per_s"],
         "p50_ms": row["p50_ms"],
         "p99_ms": row["p99_ms"],
+        "rows_per_call": row.get("rows_per_call"),  # sessions per echo model call (/metrics)
+        "server_cpu_ms_per_msg": row.get("server_cpu_ms_per_msg"),  # the server's main process
         "cpu_pct_whole_run": cpu,
         "verify": row.get("verify"),
     }
@@ -173,7 +175,7 @@ def measure(args: argparse.Namespace) -> None:
                         print(
                             f"round {r} {n:>5} sessions {name:>9}: {row['msgs_per_s']:8,.0f}"
                             f" msgs/s p50 {row['p50_ms']:6.2f} p99 {row['p99_ms']:6.2f} ms"
-                            f"  CPU: {cpu}",
+                            f" rows/call {row['rows_per_call'] or 0:.0f}  CPU: {cpu}",
                             flush=True,
                         )
         finally:
@@ -201,6 +203,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 "p99_ms": statistics.median(r["p99_ms"] for r in mine),
                 "throughput_vs_memory": statistics.median(ratios),
                 "p99_vs_memory": statistics.median(p99),
+                "rows_per_call": statistics.median(r["rows_per_call"] or 0 for r in mine),
                 "cpu_pct": cpu,
             })  # fmt: skip
     meta = {
@@ -226,15 +229,16 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"({args.duration:g} s windows, 1-bit messages, closed loop); ratios are per round "
         "against `memory`. CPU: % of one core over the whole load-generator run.",
         "",
-        "| sessions | store | msgs/s | vs memory | p50 ms | p99 ms | p99 vs memory | CPU |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| sessions | store | msgs/s | vs memory | p50 ms | p99 ms | p99 vs memory | rows/call "
+        "| CPU |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in summary:
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in s["cpu_pct"].items())
         lines.append(
             f"| {s['sessions']:,} | {s['config']} | {s['msgs_per_s']:,.0f} | "
             f"{s['throughput_vs_memory']:.2f}x | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-            f"{s['p99_vs_memory']:.2f}x | {cpu} |"
+            f"{s['p99_vs_memory']:.2f}x | {s['rows_per_call']:.0f} | {cpu} |"
         )
     (args.out / "stores.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
