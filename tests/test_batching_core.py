@@ -254,3 +254,76 @@ def test_without_an_inline_budget_every_call_runs_on_the_model_thread() -> None:
         assert all(name.startswith("test-model") for name in script.threads), script.threads
 
     run(scenario)
+
+
+class Settling(Script):
+    """A script whose calls' results settle when the test says so (one future per call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[asyncio.Future[None]] = []
+        self.fail_settle: set[str] = set()
+
+    def settle(self, items: list[Item], results: list[Any]) -> Awaitable[list[Any]]:
+        gate = asyncio.get_running_loop().create_future()
+        self.pending.append(gate)
+
+        async def settled() -> list[Any]:
+            await gate
+            return [
+                RuntimeError("not stored") if isinstance(r, tuple) and r[0] in self.fail_settle
+                else r
+                for r in results
+            ]  # fmt: skip
+
+        return settled()
+
+
+def test_the_next_calls_run_while_a_call_settles_and_items_wait_for_theirs() -> None:
+    async def scenario() -> None:
+        script = Settling()
+        b = batcher(script, max_rows=1)
+        await b.start()
+        futures = [b.submit((tag, 1)) for tag in "abcdef"]
+        # four calls settle at once (MAX_SETTLING); the fifth, computed, waits for a slot
+        await until(lambda: len(script.pending) == 5)
+        await asyncio.sleep(0.05)
+        assert script.calls == [["a"], ["b"], ["c"], ["d"], ["e"]]
+        assert not any(f.done() for f in futures)  # nothing answered before it settled
+        script.fail_settle = {"b"}
+        script.pending[1].set_result(None)  # b settles first (failing): the others wait on
+        await until(lambda: futures[1].done())
+        with pytest.raises(RuntimeError, match="not stored"):
+            await futures[1]
+        assert not futures[0].done()
+        await until(lambda: len(script.pending) == 6)  # a slot is free: f's call runs
+        for gate in script.pending:
+            if not gate.done():
+                gate.set_result(None)
+        results = await asyncio.gather(futures[0], *futures[2:])
+        assert [tag for tag, _ in results] == ["a", "c", "d", "e", "f"]
+        await b.stop()
+
+    run(scenario)
+
+
+def test_settling_items_have_a_deadline_and_stop_waits_for_them() -> None:
+    async def scenario() -> None:
+        script = Settling()
+        b = batcher(script, timeout_s=0.3)
+        await b.start()
+        late = b.submit(("late", 1))
+        await until(lambda: len(script.pending) == 1)
+        with pytest.raises(DeadlineExceeded):
+            await late  # its call never settles in time
+        on_time = b.submit(("x", 1))
+        await until(lambda: len(script.pending) == 2)
+        stopping = asyncio.ensure_future(b.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done()  # waits for the settling call
+        script.pending[1].set_result(None)
+        script.pending[0].set_result(None)
+        assert (await on_time)[0] == "x"
+        await stopping
+
+    run(scenario)
