@@ -2,6 +2,7 @@
 and on 2 workers, side by side in one run.
 
     .venv/bin/python -m bench.stores [--rounds 3] [--duration 5] [--configs memory,redis,...]
+        [--before DIR]
 
 Starts a real ``redis-server`` (``tests/redis_server.py``), a second one with a replica
 (``tests/redis_cluster.py``, no Sentinels; both with the append-only file, fsync every second)
@@ -12,6 +13,9 @@ and one server per configuration, all up for the whole run:
 - ``redis-r1``: the primary with one replica and ``ECHO_STORE_MIN_REPLICAS=1`` (every step is
   answered only once the replica acknowledged it: ``WAIT 1``)
 - ``redis-2w``: the standalone Redis, ``WEB_CONCURRENCY=2`` (not run by default)
+
+``--before DIR`` also serves every Redis configuration from another checkout (``<config>@before``,
+e.g. ``git archive <commit> | tar -x -C DIR``), on the same Redis servers.
 
 Every round drives each in turn with ``bench.loadgen`` (1-bit messages, closed loop, 200 and
 1,000 sessions), so drifts of a shared machine hit all alike. Reports msgs/s, p50/p99, the ratios
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_CONFIGS,
         help=f"comma-separated, from {', '.join(CONFIGS)}; memory is the baseline (first)",
     )
+    ap.add_argument("--before", type=Path, help="another checkout to serve the Redis configs from")
     args = ap.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(args.configs) - set(CONFIGS)
@@ -157,11 +162,16 @@ def measure(args: argparse.Namespace) -> None:
             ),
             "redis-2w": ({"ECHO_STORE_URL": redis.url, "WEB_CONCURRENCY": "2"}, standalone),
         }
-        configs = {name: every[name] for name in args.configs}
+        configs = {}
+        for name in args.configs:  # each one beside its @before, if any
+            configs[name] = (*every[name], server.REPO)
+            if args.before and name != "memory":
+                configs[f"{name}@before"] = (*every[name], args.before.resolve())
+        args.configs = list(configs)
         servers = {}
         try:
-            for name, (env, _) in configs.items():
-                servers[name] = server.start(env, tmp / f"{name}.log", timeout=180)
+            for name, (env, _, cwd) in configs.items():
+                servers[name] = server.start(env, tmp / f"{name}.log", cwd=cwd, timeout=180)
                 time.sleep(5 if "WEB_CONCURRENCY" in env else 0)  # the other worker too
             for r in range(args.rounds):
                 for n in SESSIONS:
@@ -173,7 +183,7 @@ def measure(args: argparse.Namespace) -> None:
                             f"{k} {v:.0f}%" for k, v in row["cpu_pct_whole_run"].items()
                         )
                         print(
-                            f"round {r} {n:>5} sessions {name:>9}: {row['msgs_per_s']:8,.0f}"
+                            f"round {r} {n:>5} sessions {name:>15}: {row['msgs_per_s']:8,.0f}"
                             f" msgs/s p50 {row['p50_ms']:6.2f} p99 {row['p99_ms']:6.2f} ms"
                             f" rows/call {row['rows_per_call'] or 0:.0f}  CPU: {cpu}",
                             flush=True,
@@ -208,10 +218,13 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             })  # fmt: skip
     meta = {
         "command": f"python -m bench.stores --rounds {args.rounds} --warmup {args.warmup:g} "
-        f"--duration {args.duration:g} --configs {','.join(args.configs)}",
+        f"--duration {args.duration:g} --configs "
+        f"{','.join(c for c in args.configs if '@' not in c)}"
+        + (f" --before {args.before}" if args.before else ""),
         "configs": args.configs,
         "started": args.started,
         "commit": commit(),
+        "before_commit": commit(args.before) if args.before else None,
         "rounds": args.rounds,
         "duration_s": args.duration,
         "cpu_count": os.cpu_count(),
