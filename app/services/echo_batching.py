@@ -18,13 +18,12 @@ one is answered, so a session is in at most one call at a time and its messages 
 An answered message gets its reply's ``seq`` and packed form (:class:`Echoed`). With the Redis
 store, :meth:`EchoSteps.settle` then stores the new states of all the call's answered messages in
 one round trip before any of them is answered (durable before acknowledged); a message whose step
-could not be stored fails with ``StoreUnavailable`` or ``LeaseLost`` instead. The next calls run
-meanwhile (the batching core's ``MAX_SETTLING``): they hold other sessions.
+could not be stored fails with ``StoreUnavailable`` or ``LeaseLost`` instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -147,14 +146,13 @@ class EchoSteps:
         ECHO_MESSAGES.inc(answered)
         return results
 
-    def settle(self, messages: list[Message], results: list[Any]) -> Awaitable[list[Any]] | None:
-        """With Redis: the answered messages' steps, read now (the next call may reuse a slot
-        meanwhile), and what stores them in one round trip, failing those it could not store."""
+    async def settle(self, messages: list[Message], results: list[Any]) -> list[Any]:
+        """With Redis: store the answered messages' steps in one round trip, or fail them."""
         if self.durable is None:
-            return None
+            return results
         index = [i for i, r in enumerate(results) if type(r) is Echoed]
         if not index:
-            return None
+            return results
         state_bytes = self.store.state_bytes
         steps = []
         for i in index:
@@ -162,14 +160,8 @@ class EchoSteps:
             state = state_bytes(session.slot)
             steps.append(Step(session.id, session.fence, state, echoed.seq, echoed.packed))
         ECHO_STORE_WRITES.observe(len(steps))
-        return self._store(self.durable, steps, index, results)
-
-    @staticmethod
-    async def _store(
-        durable: RedisSessions, steps: list[Step], index: list[int], results: list[Any]
-    ) -> list[Any]:
         try:
-            stored = await durable.commit(steps)
+            stored = await self.durable.commit(steps)
         except StoreUnavailable as exc:
             stored = [exc] * len(steps)
         for i, ok in zip(index, stored, strict=True):

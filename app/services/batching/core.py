@@ -5,13 +5,8 @@ model calls of up to ``max_rows`` rows and runs them one at a time on a dedicate
 The :class:`Adapter` says what a call is: ``prepare`` gathers the items' inputs (event loop),
 ``compute`` runs the model (worker thread), ``finish`` hands each item its result (event loop) or
 :data:`AGAIN` for an item that needs another call (it then goes first into the next one). An
-adapter may also ``settle`` a call's results (e.g. store them) before any item is answered, and
-may say a call's ``shape`` (what its cost depends on, for the inline policy). While a call's
-results settle, the next calls run: up to ``MAX_SETTLING`` calls wait for their settlement at
-once (the echo adapter's Redis write, with ``ECHO_STORE_MIN_REPLICAS`` a replica's
-acknowledgement too, takes a round trip that would otherwise leave the model idle). Their items
-are other items (an item's next one is submitted only once it is answered), and an item answered
-``AGAIN`` goes back to the queue at once.
+adapter may also ``settle`` a call's results (a coroutine, e.g. storing them) before any item is
+answered, and may say a call's ``shape`` (what its cost depends on, for the inline policy).
 
 When to dispatch. A model call costs a fixed part plus a small per-row part, so throughput comes
 from rows per call and latency suffers from any wait. The batcher therefore
@@ -58,7 +53,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")  # an item as the service submits it
 R = TypeVar("R")  # what the item's future resolves to
 AGAIN: Any = object()  # ``finish`` result: the item needs another model call
-MAX_SETTLING = 4  # calls whose results are settling while the next calls run
 
 
 class Adapter(Protocol[T, R]):
@@ -81,10 +75,8 @@ class Adapter(Protocol[T, R]):
         ``done[i]``: item i has already been answered (deadline) and must not change state."""
         ...
 
-    # Optional: ``settle(items, results) -> Awaitable[results] | None``, called right after
-    # ``finish`` (what it reads of shared state it must read then: the next call may change it)
-    # and awaited before any item is answered (the echo adapter stores the new states there);
-    # None: nothing to wait for;
+    # Optional: ``async def settle(items, results) -> results``, awaited after ``finish`` and
+    # before any item is answered (the echo adapter stores the new states there);
     # ``shape(payload) -> Hashable``: calls of one shape cost about the same (default: the
     # call's rows rounded up to a power of two).
 
@@ -142,9 +134,6 @@ class Batcher(Generic[T, R]):
         self._queue: deque[_Job[T, R]] = deque()
         self._queued_rows = 0
         self._running: list[_Job[T, R]] = []
-        self._settling: dict[int, list[_Job[T, R]]] = {}  # calls whose results are settling
-        self._settle_tasks: set[asyncio.Task[None]] = set()
-        self._settle_slots = asyncio.Semaphore(MAX_SETTLING)
         self._unbatched = 0  # items in flight with batching off
         self._wakeup = asyncio.Event()  # something was queued
         self._full = asyncio.Event()  # max_rows are queued
@@ -177,12 +166,11 @@ class Batcher(Generic[T, R]):
                     async with asyncio.timeout(self.timeout_s + 1.0):
                         await self._idle.wait()
         self._state = "stopped"
-        for task in [*self._tasks, *self._settle_tasks]:
+        for task in self._tasks:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
-        settling = [job for jobs in self._settling.values() for job in jobs]
-        for job in [*self._running, *settling, *self._queue]:
+        for job in [*self._running, *self._queue]:
             _fail(job, GoingAway(f"the {self.name} model is shutting down", "shutting_down"))
         self._queue.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -208,7 +196,7 @@ class Batcher(Generic[T, R]):
     # --- batched ---------------------------------------------------------------------------
 
     def _busy(self) -> bool:
-        return bool(self._queue or self._running or self._unbatched or self._settling)
+        return bool(self._queue or self._running or self._unbatched)
 
     async def _dispatch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -216,7 +204,7 @@ class Batcher(Generic[T, R]):
         while True:
             if not self._queue:
                 busy = False
-                if self._state == "stopping" and not self._busy():
+                if self._state == "stopping":
                     self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -255,9 +243,7 @@ class Batcher(Generic[T, R]):
         return jobs
 
     async def _call(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job[T, R]]) -> None:
-        """One model call over ``jobs``; items answered AGAIN go back to the queue's head. With
-        a ``settle``, the items are answered by a task once it is done, and this returns as soon
-        as fewer than ``MAX_SETTLING`` calls are settling."""
+        """One model call over ``jobs``; items answered AGAIN go back to the queue's head."""
         self._running = jobs
         items = [job.item for job in jobs]
         try:
@@ -271,49 +257,14 @@ class Batcher(Generic[T, R]):
                 )
             done = [job.future.done() for job in jobs]
             results = self.adapter.finish(items, output, done)
-            pending = None if self._settle is None else self._settle(items, results)
+            if self._settle is not None:
+                results = await self._settle(items, results)
         except Exception as exc:  # fail this call's items, not the batcher
             self._fail_call(jobs, exc)
             return
         finally:
             self._running = []
         again = [job for job, result in zip(jobs, results, strict=True) if result is AGAIN]
-        for job in reversed(again):
-            if not job.future.done():
-                self._queue.appendleft(job)
-                self._queued_rows += job.rows
-        if again:
-            self._wakeup.set()
-        if pending is None:
-            self._answer(jobs, results)
-            return
-        key = id(jobs)
-        self._settling[key] = jobs  # watched by the watchdog from now on
-        try:
-            await self._settle_slots.acquire()
-        except BaseException:  # stopped while waiting: stop() fails the items
-            if asyncio.iscoroutine(pending):
-                pending.close()
-            raise
-        task = asyncio.create_task(self._settled(key, jobs, pending), name=f"{self.name}-settle")
-        self._settle_tasks.add(task)
-        task.add_done_callback(self._settle_tasks.discard)
-
-    async def _settled(self, key: int, jobs: list[_Job[T, R]], pending: Awaitable[Any]) -> None:
-        """Answer ``jobs`` once their call's results are settled."""
-        try:
-            results = await pending
-        except Exception as exc:
-            self._fail_call(jobs, exc)
-        else:
-            self._answer(jobs, results)
-        finally:
-            self._settle_slots.release()
-            del self._settling[key]
-            if self._state == "stopping" and not self._busy():
-                self._idle.set()
-
-    def _answer(self, jobs: list[_Job[T, R]], results: Sequence[Any]) -> None:
         for job, result in zip(jobs, results, strict=True):
             if result is AGAIN or job.future.done():
                 continue
@@ -321,6 +272,12 @@ class Batcher(Generic[T, R]):
                 _fail(job, result)
             else:
                 job.future.set_result(result)
+        for job in reversed(again):
+            if not job.future.done():
+                self._queue.appendleft(job)
+                self._queued_rows += job.rows
+        if again:
+            self._wakeup.set()
 
     def _call_shape(self, payload: Any, jobs: list[_Job[T, R]]) -> Any:
         if self._shape is not None:
@@ -362,10 +319,9 @@ class Batcher(Generic[T, R]):
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            for jobs in [self._running, *self._settling.values()]:
-                for job in jobs:
-                    if job.deadline <= now:
-                        _fail(job, self._deadline_error())
+            for job in self._running:
+                if job.deadline <= now:
+                    _fail(job, self._deadline_error())
             for job in self._queue:  # oldest first
                 if job.deadline > now:
                     break
@@ -388,9 +344,8 @@ class Batcher(Generic[T, R]):
                         future = loop.run_in_executor(self.executor, self._compute, payload, [job])
                         output = await future
                         (result,) = self.adapter.finish([job.item], output, [False])
-                        pending = self._settle and self._settle([job.item], [result])
-                        if pending is not None:
-                            (result,) = await pending
+                        if self._settle is not None:
+                            (result,) = await self._settle([job.item], [result])
                     except Exception as exc:
                         self._fail_call([job], exc)
                         return await job.future
