@@ -214,6 +214,16 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 "throughput_vs_memory": statistics.median(ratios),
                 "p99_vs_memory": statistics.median(p99),
                 "rows_per_call": statistics.median(r["rows_per_call"] or 0 for r in mine),
+                # the server process's CPU per message (not its workers': None for redis-2w),
+                # and its ratio to memory's in the same round: what a shared machine's load
+                # moves least
+                "cpu_ms_per_msg": None if "2w" in name else statistics.median(
+                    r["server_cpu_ms_per_msg"] for r in mine
+                ),
+                "cpu_per_msg_vs_memory": None if "2w" in name else statistics.median(
+                    r["server_cpu_ms_per_msg"] / base[r["round"]]["server_cpu_ms_per_msg"]
+                    for r in mine
+                ),
                 "cpu_pct": cpu,
             })  # fmt: skip
     meta = {
@@ -240,21 +250,29 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"`{meta['command']}` at commit `{meta['commit']}`, started {meta['started']}, on "
         f"{meta['cpu_count']} cores (shared with other work); medians of {args.rounds} rounds "
         f"({args.duration:g} s windows, 1-bit messages, closed loop); ratios are per round "
-        "against `memory`. CPU: % of one core over the whole load-generator run.",
+        "against `memory`. Server CPU ms/msg: the server process's CPU per answered message in the "
+        "window (not the workers' of `redis-2w`). CPU: % of one core over the whole "
+        "load-generator run.",
         "",
         "| sessions | store | msgs/s | vs memory | p50 ms | p99 ms | p99 vs memory | rows/call "
-        "| CPU |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| server CPU ms/msg | vs memory | CPU |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in summary:
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in s["cpu_pct"].items())
         lines.append(
             f"| {s['sessions']:,} | {s['config']} | {s['msgs_per_s']:,.0f} | "
             f"{s['throughput_vs_memory']:.2f}x | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-            f"{s['p99_vs_memory']:.2f}x | {s['rows_per_call']:.0f} | {cpu} |"
+            f"{s['p99_vs_memory']:.2f}x | {s['rows_per_call']:.0f} | "
+            f"{_num(s['cpu_ms_per_msg'], '.3f')} | {_num(s['cpu_per_msg_vs_memory'], '.2f')}x | "
+            f"{cpu} |"
         )
     (args.out / "stores.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":
