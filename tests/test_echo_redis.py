@@ -24,11 +24,15 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from app.core.errors import Conflict
+from app.core.errors import Conflict, DeadlineExceeded
+from app.services.models import EchoModel
 from app.services.redis_sessions import RedisSessions, Step
 from tests.live_server import LiveServer, start_server, wait_until
 from tests.redis_server import RedisServer, running_redis
 from tests.test_api_echo import refusal, resume_query, send_bits, session
+from tests.test_echo_core import Flaky, echo_model, service, stream
+
+__all__ = ["echo_model"]  # a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -310,6 +314,39 @@ def test_a_release_covers_an_attach_that_a_failover_forgot(own_redis: RedisServe
         finally:
             await a.close()
             await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_message_past_its_deadline_is_not_stored(
+    echo_model: EchoModel, redis: RedisServer
+) -> None:
+    """A message whose deadline passed while its model call ran was answered with
+    ``DeadlineExceeded`` and its new state was not kept: its step must not reach Redis either
+    (it did: the old state with the next seq and a reply, which a ``last_seq`` resume would
+    replay, and then the stream would go on without that message's bits)."""
+
+    async def scenario() -> None:
+        flaky = Flaky(echo_model)
+        svc = await service(flaky, request_timeout_s=2.0, echo_store_url=redis.url)
+        late = await svc.open(None, None, object())  # type: ignore[arg-type]
+        other = await svc.open(None, None, object())  # type: ignore[arg-type]
+        assert svc.durable is not None
+        try:
+            flaky.gate.clear()
+            with pytest.raises(DeadlineExceeded):
+                await svc.advance(late, stream(3, 10))
+            queued = asyncio.ensure_future(svc.advance(other, stream(4, 5)))  # after the late
+            flaky.gate.set()  # call: once it is answered, that call has been settled
+            assert (await queued).seq == 1
+            stored = await svc.durable.client.hgetall(f"{svc.durable.prefix}s:{late.id}")
+            assert stored[b"seq"] == b"0" and not any(k.startswith(b"r") for k in stored)
+            got = await svc.advance(late, stream(5, 7))  # and the session goes on from seq 0
+            assert got.seq == 1
+        finally:
+            await svc.close(late)
+            await svc.close(other)
+            await svc.stop()
 
     asyncio.run(scenario())
 
