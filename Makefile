@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The MNIST files (tests, make train): $MNIST_DIR, else ../shared/data/mnist beside the checkout,
 # else a checksum-verified download into ~/.cache/rnn-serving/mnist (training/mnist_data.py).
 
-.PHONY: install lint browser test test-fast test-upgrade screenshots serve train bench soak clean
+.PHONY: install lint browser test test-fast test-upgrade screenshots serve train bench soak chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,8 @@ test-fast: install
 # app/core/uvicorn_protocols.py uses uvicorn's internals: an upgrade is this one command.
 UPGRADE_PACKAGES := uvicorn[standard] starlette fastapi websockets httptools
 UPGRADE_TESTS := tests/test_hostile_http.py tests/test_hostile_echo.py tests/test_api_echo.py \
-	tests/test_echo_route.py tests/test_hostile_parsing.py tests/test_hostile_round2.py
+	tests/test_echo_route.py tests/test_hostile_parsing.py tests/test_hostile_round2.py \
+	tests/test_edge_lifetimes.py
 test-upgrade: install
 	rm -rf .upgrade
 	$(PY) -m pip install --quiet --upgrade --target .upgrade $(UPGRADE_PACKAGES)
@@ -65,6 +66,15 @@ bench: install
 SOAK_SECONDS ?= 1800
 soak: install
 	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
+
+# The chaos test (bench/chaos.py; needs Docker): the scale stack (compose.scale.yaml) built and
+# started as compose project rnn-serving-chaos, 40 echo streams through nginx while an API
+# replica is SIGKILLed, the Redis primary SIGKILLed, then stalled, and nginx restarted; every
+# reply exactly once, recovery times per fault; always taken down. More: CHAOS_ARGS, e.g.
+# --out bench/results to record a run (chaos.json, chaos.md), --port, --streams, --faults.
+CHAOS_ARGS ?=
+chaos: install
+	$(PY) -m bench.chaos --build $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -6,16 +6,20 @@
 # sends real MNIST digits and an echo stream from the host (.ci/smoke_client.py), checks that
 # the server runs as non-root and stops cleanly on SIGTERM, and always takes it down again.
 #
-# Then the scale stack (compose.scale.yaml, project "rnn-serving-scale-smoke"): Redis, two API
-# replicas of the same CPU image and nginx in front; .ci/scale_smoke.py kills the replica that
-# serves an echo stream (SIGKILL) and resumes the stream through nginx on the other one. The
-# stack is always taken down with its volume (down -v).
+# Then the scale stack (compose.scale.yaml, project "rnn-serving-scale-smoke"): a Redis primary,
+# 2 replicas and 3 Sentinels, two API replicas of the same CPU image and nginx in front. The
+# chaos test's short form (bench/chaos.py) streams through nginx while the Redis primary is
+# SIGKILLed, then stalled (SIGSTOP) until the Sentinels replace it: every reply exactly once, 0
+# acknowledged steps lost. Then .ci/scale_smoke.py kills the replica that serves an echo stream
+# (SIGKILL) and resumes the stream through nginx on the other one. The stack is always taken
+# down with its volumes (down -v).
 #
 # Env: PYTHON   interpreter with httpx, websockets, numpy, tritonclient (default .venv/bin/python)
 #      API_PORT host port on 127.0.0.1 (default 8000; nginx's in the scale part)
 #      API_GRPC_PORT host port of gRPC on 127.0.0.1 (default 8001; nginx's in the scale part)
 #      SMOKE_HEALTH_TIMEOUT seconds to wait for healthy (default 300)
 #      SMOKE_SCALE=0 skips the scale stack
+#      SMOKE_CHAOS_FAULTS the chaos test's faults (default kill-primary,stall-primary; "" skips)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -58,7 +62,7 @@ pin() {
   docker tag "$standin" "$pinned"
 }
 pin "$(sed -n 's/^ARG PYTHON_IMAGE=//p' Dockerfile)" python:3.11-slim
-pin "$(grep -o 'redis:[0-9][^}]*-bookworm' compose.scale.yaml)" redis:7-bookworm
+pin "$(grep -o 'redis:[0-9][^}]*-bookworm' compose.scale.yaml | sort -u)" redis:7-bookworm
 pin "$(grep -o 'nginx:[0-9][^}]*-bookworm' compose.scale.yaml)" nginx:stable-bookworm
 
 step "compose config: GPU (default) and CPU (compose.cpu.yaml) variants"
@@ -143,10 +147,15 @@ import json, sys
 s = json.load(sys.stdin)["services"]
 published = {n: [(p.get("host_ip"), p.get("published")) for p in c.get("ports", [])] for n, c in s.items()}
 assert s["api"]["deploy"]["replicas"] == 2, "api: 2 replicas"
-assert s["api"]["environment"]["ECHO_STORE_URL"].startswith("redis://redis:"), "api: Redis store"
+env = s["api"]["environment"]
+assert env["ECHO_STORE_URL"].startswith("redis+sentinel://sentinel-1:26379,"), "api: Sentinels"
+assert env["ECHO_STORE_MIN_REPLICAS"] == "2", "api: every step on both Redis replicas"
+assert all(c.get("restart") for c in s.values()), "a restart policy on every service"
+redis = {n for n in s if n.startswith(("redis-", "sentinel-"))}
+assert len(redis) == 6 and len({s[n]["image"] for n in redis}) == 1, "one Redis image, 6 nodes"
 assert {n for n, p in published.items() if p} == {"nginx"}, f"only nginx published: {published}"
 assert all(ip == "127.0.0.1" for ip, _ in published["nginx"]), f"nginx on 127.0.0.1: {published}"
-' || fail "compose.scale.yaml: replicas, store or published ports"
+' || fail "compose.scale.yaml: replicas, store, restart policies or published ports"
 
 # The single container goes first (same host port); from here on the trap takes the stack down.
 "${cpu[@]}" down --remove-orphans --timeout 30
@@ -165,11 +174,20 @@ trap scale_cleanup EXIT
 step "scale stack: up, the image built above (nginx on 127.0.0.1:$API_PORT)"
 "${scale[@]}" up -d --no-build --pull never --wait --wait-timeout "$health_timeout"
 "${scale[@]}" ps
-redis_cid=$("${scale[@]}" ps -q redis)
-[ "$(docker exec "$redis_cid" redis-cli config get appendonly | tail -n 1)" = yes ] \
-  || fail "Redis runs without its append-only file"
-[ "$(docker exec "$redis_cid" redis-cli config get maxmemory-policy | tail -n 1)" = noeviction ] \
-  || fail "Redis evicts keys (maxmemory-policy is not noeviction)"
+for node in redis-1 redis-2 redis-3; do
+  cid=$("${scale[@]}" ps -q "$node")
+  setting() { docker exec "$cid" redis-cli config get "$1" | tail -n 1; }
+  [ "$(setting appendonly)" = yes ] || fail "$node runs without its append-only file"
+  [ "$(setting maxmemory-policy)" = noeviction ] || fail "$node evicts keys (not noeviction)"
+  [ "$(setting min-replicas-to-write)" -ge 1 ] || fail "$node writes without a replica"
+done
+
+chaos_faults=${SMOKE_CHAOS_FAULTS-kill-primary,stall-primary}
+if [ -n "$chaos_faults" ]; then
+  step "chaos test, short form: $chaos_faults under 8 streams through nginx"
+  "$PYTHON" -m bench.chaos --no-up --project rnn-serving-scale-smoke --port "$API_PORT" \
+    --streams 8 --warmup 2 --faults "$chaos_faults"
+fi
 
 step "scale smoke client: kill the replica serving a stream, resume it through nginx"
 "$PYTHON" .ci/scale_smoke.py --project rnn-serving-scale-smoke --base-url "http://127.0.0.1:$API_PORT"

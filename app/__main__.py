@@ -17,23 +17,33 @@ deployment gets the same bounds:
 - SIGTERM lets in-flight requests finish for ``TIMEOUT_GRACEFUL_SHUTDOWN_S``.
 - ``WEB_CONCURRENCY`` > 1 runs that many worker processes on one socket (uvicorn's supervisor);
   echo sessions must then live in Redis (``ECHO_STORE_URL``), so that any worker can resume any
-  session. Each worker has its own connection caps and its own ``/metrics``.
+  session. Each worker has its own connection caps; ``/metrics`` sums all of them: the workers
+  write their metrics to ``PROMETHEUS_MULTIPROC_DIR`` (``app.core.metrics``), which the launcher
+  empties at start, or, if it is not set, creates under the temporary directory and removes at
+  exit. A single worker keeps its metrics in memory unless ``PROMETHEUS_MULTIPROC_DIR`` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
 import resource
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from functools import cache
+from pathlib import Path
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from app.core.config import Settings, get_settings
 from app.core.edge import EdgeLimits
+from app.core.metrics import MULTIPROC_ENV, clean_multiprocess_dir, multiprocess_dir
 from app.core.uvicorn_protocols import EdgeHttpProtocol, GuardedWebSocketProtocol
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app did not start
@@ -130,6 +140,33 @@ def server_config(settings: Settings) -> uvicorn.Config:
     )
 
 
+@contextlib.contextmanager
+def metrics_dir(workers: int) -> Iterator[Path | None]:
+    """The directory the workers share their metrics through (``PROMETHEUS_MULTIPROC_DIR``).
+
+    If it is set: emptied of earlier runs' files (this process's stay: it may have written some
+    when it imported the metrics) and kept. Else, with several workers: a new one under the
+    temporary directory, named in the environment the workers inherit, removed at exit. Else
+    (one worker): None, metrics in memory.
+    """
+    path = multiprocess_dir()
+    if path is not None:
+        removed = clean_multiprocess_dir(path, keep_pid=os.getpid())
+        log.info("metrics directory emptied", extra={"path": str(path), "removed": removed})
+        yield path
+        return
+    if workers == 1:
+        yield None
+        return
+    created = Path(tempfile.mkdtemp(prefix="rnn-serving-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(created)
+    try:
+        yield created
+    finally:
+        del os.environ[MULTIPROC_ENV]
+        shutil.rmtree(created, ignore_errors=True)
+
+
 def main() -> None:
     settings = get_settings()
     raise_fd_limit()  # before the workers start: they inherit it
@@ -140,14 +177,15 @@ def main() -> None:
             "MAX_CONNECTIONS lowered to fit the file-descriptor limit",
             extra={"max_connections": cap, "configured": settings.max_connections},
         )
-    if config.workers > 1:
-        if settings.echo_store_url.get_secret_value().startswith("memory://"):
-            log.error("WEB_CONCURRENCY > 1 needs ECHO_STORE_URL=redis://... (shared sessions)")
-            sys.exit(2)
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
-        return
-    server = uvicorn.Server(config)
-    server.run()
+    if config.workers > 1 and settings.echo_store_url.get_secret_value().startswith("memory://"):
+        log.error("WEB_CONCURRENCY > 1 needs ECHO_STORE_URL=redis://... (shared sessions)")
+        sys.exit(2)
+    with metrics_dir(config.workers):
+        if config.workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            return
+        server = uvicorn.Server(config)
+        server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
 

@@ -7,21 +7,29 @@ profile of the Python threads. Prints the top functions by self and inclusive sa
 the raw py-spy stacks (collapsed, one stack per line) to ``--out``.
 
 Scenarios: ``digits:C:N`` (C connections, N images per request) or ``echo:S:B`` (S sessions,
-B bits per message).
+B bits per message). ``--store redis`` keeps echo sessions in a real ``redis-server``;
+``--store redis-r1`` in a primary with one replica and ``ECHO_STORE_MIN_REPLICAS=1`` (as
+``bench.stores``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+from bench.stores import PERSISTENCE
 from tests import servers as server
+from tests.redis_cluster import running_cluster
+from tests.redis_server import running_redis
 from tests.servers import CLK_TCK, REPO
 
 PY_SPY = Path(sys.executable).with_name("py-spy")
@@ -76,6 +84,21 @@ def loadgen_args(spec: str) -> list[str]:
     return [f"--digits={a}:{b}"] if kind == "digits" else [f"--echo={a}:{b}"]
 
 
+@contextlib.contextmanager
+def store_env(store: str) -> Iterator[dict[str, str]]:
+    """The server's settings for ``store``, with its Redis running meanwhile."""
+    if store == "memory":
+        yield {}
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    if store == "redis":
+        with running_redis(tmp) as redis:
+            yield {"ECHO_STORE_URL": redis.url}
+        return
+    with running_cluster(tmp, replicas=1, sentinels=0, server_args=PERSISTENCE) as cluster:
+        yield {"ECHO_STORE_URL": cluster.primary_url, "ECHO_STORE_MIN_REPLICAS": "1"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("scenario", help="digits:C:N or echo:S:B")
@@ -85,14 +108,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
     ap.add_argument("--model-dir", type=Path)
+    ap.add_argument("--store", choices=["memory", "redis", "redis-r1"], default="memory")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tmp" / "profile")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {"BATCHING_ENABLED": "true" if args.batching == "on" else "false"}
+    with store_env(args.store) as env:
+        profile(args, env)
+
+
+def profile(args: argparse.Namespace, env: dict[str, str]) -> None:
+    env = {**env, "BATCHING_ENABLED": "true" if args.batching == "on" else "false"}
     if args.model_dir:
         env["MODEL_DIR"] = str(args.model_dir)
     srv = server.start(env, args.out / "server.log")
     tag = args.scenario.replace(":", "-") + "-" + args.batching + ("-gil" if args.gil else "")
+    tag += "" if args.store == "memory" else f"-{args.store}"
     raw = args.out / f"{tag}.txt"
     try:
         warmup = 3.0

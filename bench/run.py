@@ -7,7 +7,8 @@
 4. results table (Markdown + JSON) and plot (PNG) in ``--out`` (default ``bench/results/``);
 5. digits by protocol (``bench.protocols``): ``/predict/digit`` JSON, v2 JSON and v2 binary side
    by side on a fresh server → ``protocols.{md,json}``; ``--only protocols`` runs just this;
-6. echo with sessions in Redis vs in memory, and 1 vs 2 workers (``bench.stores``) →
+6. echo with sessions in memory vs Redis, with and without a replica acknowledging every write,
+   and on 2 workers (``bench.stores``) →
    ``stores.{md,json}``; ``--only stores`` runs just this;
 7. open-loop latency at fixed offered loads beside the floor (``bench.openloop compare``) →
    ``openloop.{md,json,png}``; ``--only openloop`` runs just this;
@@ -301,10 +302,14 @@ def run_openloop(args: argparse.Namespace) -> None:
 
 
 def run_stores(args: argparse.Namespace) -> None:
-    log(f"echo stores: memory vs Redis vs 2 workers, {args.rounds} rounds")
+    log(f"echo stores: memory vs Redis vs Redis + replica vs 2 workers, {args.rounds} rounds")
     stores.measure(
         argparse.Namespace(
-            rounds=args.rounds, warmup=args.warmup, duration=args.duration, out=args.out
+            rounds=args.rounds,
+            warmup=args.warmup,
+            duration=args.duration,
+            out=args.out,
+            configs=list(stores.CONFIGS),
         )
     )
 

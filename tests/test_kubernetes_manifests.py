@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from app.core.config import Settings
+from app.services.redis_urls import parse_sentinel_url
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -168,7 +169,7 @@ def test_the_redis_url_comes_from_the_secret_only() -> None:
             if isinstance(node, dict) and node.get("name") in SECRET_SETTINGS:
                 assert "value" not in node, node
             if isinstance(node, str):
-                assert "redis://" not in node and "rediss://" not in node, node
+                assert not any(s in node for s in ("redis://", "rediss://", "sentinel://")), node
 
 
 def test_the_configmap_holds_known_settings_with_valid_values() -> None:
@@ -184,6 +185,17 @@ def test_the_configmap_holds_known_settings_with_valid_values() -> None:
     assert settings.port == SERVER_PORT
     assert settings.grpc_port == GRPC_PORT == resolve_port(server_container(), "grpc")
     assert settings.web_concurrency == 1
+
+
+def test_every_answered_echo_step_waits_for_the_redis_replicas() -> None:
+    """The store's choice (README.md, "Redis"): a replicated Redis, a step answered once every
+    replica holds it; the example Secret names it through Sentinel, in a form the server
+    parses."""
+    assert int(configmap_env()["ECHO_STORE_MIN_REPLICAS"]) == 2
+    secret = the("Secret", [doc for name, doc in DOCUMENTS if name == EXAMPLE_SECRET])
+    url = parse_sentinel_url(secret["stringData"]["ECHO_STORE_URL"])
+    assert url.master == "mymaster" and [port for _, port in url.sentinels] == [26379]
+    assert url.password == "CHANGE-ME"
 
 
 def test_the_probes_match_the_health_endpoints() -> None:

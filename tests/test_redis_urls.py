@@ -104,3 +104,71 @@ def test_rediss_sentinel_means_tls_to_sentinels_and_redis() -> None:
     for sentinel in store.sentinel.sentinels:
         assert issubclass(sentinel.connection_pool.connection_class, SSLConnection)
         assert sentinel.connection_pool.connection_kwargs.get("password") is None
+
+
+def test_sentinel_credentials_and_tls_options_in_the_query() -> None:
+    url = (
+        f"rediss+sentinel://:{SECRET}@h:1/m?sentinel_username=sen&sentinel_password=a%2Bb+c"
+        "&ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=REQUIRED&ssl_check_hostname=false"
+    )
+    parsed = parse_sentinel_url(url)
+    assert (parsed.sentinel_username, parsed.sentinel_password) == ("sen", "a+b+c")
+    assert parsed.ssl == {
+        "ssl_ca_certs": "/etc/ca.pem",
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": False,
+    }
+    assert "a+b+c" not in repr(parsed)
+
+
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("ssl_ca_certs=/ca.pem", "needs rediss"),  # redis+sentinel:// has no TLS
+        ("db=2", "no option 'db'"),
+        ("sentinel_password=a&sentinel_password=b", "twice"),
+        ("sentinel_password=", "needs a value"),
+        ("sentinel_password", "needs a value"),
+        ("sentinel_username=u", "goes with sentinel_password"),
+        ("Sentinel_Password=x", "name=value pairs"),
+    ],
+)
+def test_malformed_sentinel_queries_are_refused(query: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why) as caught:
+        parse_sentinel_url(f"redis+sentinel://:{SECRET}@h:1/m?{query}")
+    assert SECRET not in str(caught.value)
+
+
+def test_tls_options_and_sentinel_password_reach_the_right_connections(tmp_path) -> None:
+    """``ssl_*`` options go to the Sentinel connections and the data-node connections alike;
+    ``sentinel_password`` to the Sentinels only, the URL's password to the data nodes only."""
+    import trustme
+
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    url = (
+        f"rediss+sentinel://:{SECRET}@127.0.0.1:1,127.0.0.1:2/mymaster"
+        f"?sentinel_password=sent&ssl_ca_certs={tmp_path}/ca.pem"
+    )
+    store = RedisSessions.from_settings(Settings(echo_store_url=url))
+    assert store is not None and store.sentinel is not None
+    data = store.client.connection_pool.connection_kwargs
+    assert data["ssl_ca_certs"] == f"{tmp_path}/ca.pem" and data["password"] == "p@ss:w0rd"
+    for sentinel in store.sentinel.sentinels:
+        kwargs = sentinel.connection_pool.connection_kwargs
+        assert kwargs["ssl_ca_certs"] == f"{tmp_path}/ca.pem" and kwargs["password"] == "sent"
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("rediss://:{secret}@127.0.0.1:1/0?ssl_ca_certs=/no/such/ca.pem", "TLS options do not"),
+        ("rediss+sentinel://:{secret}@127.0.0.1:1/m?ssl_ca_certs=/no/such.pem", "TLS options"),
+        ("redis://:{secret}@127.0.0.1:1/0?ssl_ca_cert=/ca.pem", "redis-py does not take"),
+    ],
+)
+def test_options_that_cannot_work_are_a_startup_error(url: str, why: str) -> None:
+    """Refused by ``from_settings`` (no connection is made), not on every command later; the
+    error never quotes the password."""
+    with pytest.raises(ValueError, match=why) as caught:
+        RedisSessions.from_settings(Settings(echo_store_url=url.format(secret=SECRET)))
+    assert SECRET not in str(caught.value) and "p@ss" not in str(caught.value)

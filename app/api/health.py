@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.responses import OrjsonResponse
 from app.core.errors import NotReady
+from app.core.metrics import exposition
 from app.schemas.common import HealthResponse, ModelsResponse
 from app.state import app_state
 
@@ -61,6 +62,10 @@ async def list_models(request: Request) -> dict:
     return {**state.models.describe(), "echo_store": store}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (of every worker, summed, with WEB_CONCURRENCY > 1)",
+    response_class=Response,
+)
 async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)

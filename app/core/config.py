@@ -111,9 +111,14 @@ class Settings(BaseSettings):
     echo_store_url: SecretStr = Field(
         SecretStr("memory://"),
         description="`memory://` (this process only) or `redis://[user:password@]host:port/db` "
-        "(`rediss://` for TLS): sessions that outlive the process and resume on any replica; "
+        "(`rediss://` for TLS, with redis-py's options such as `?ssl_ca_certs=/path/ca.pem`): "
+        "sessions that outlive the process and resume on any replica; "
         "`redis+sentinel://[user:password@]host1:port1,host2:port2/<master-name>[/<db>]` "
-        "(`rediss+sentinel://`): the primary the Sentinels name, followed across failovers.",
+        "(`rediss+sentinel://` for TLS to Sentinels and Redis): the primary the Sentinels name, "
+        "followed across failovers; the credentials are Redis's, Sentinels with a password of "
+        "their own take `?sentinel_password=` (and `sentinel_username=`); TLS options "
+        "(`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, ...) go to both. Options that cannot "
+        "work (unknown, a CA file that does not load) stop the start.",
     )
     echo_store_connect_timeout_s: float = Field(1.0, gt=0, description="Redis connect timeout.")
     echo_store_timeout_s: float = Field(
@@ -124,8 +129,9 @@ class Settings(BaseSettings):
         ge=0,
         le=16,
         description="Redis replicas that must hold an echo step (and a session's creation or "
-        "attach) before it is answered (`WAIT`); fewer in time: `store_unavailable`. 0: the "
-        "primary's word is enough (a failover may lose its last writes).",
+        "attach) before it is answered (`WAIT`); fewer in time: `store_unavailable`. Set it to "
+        "the number of replicas: a failover may promote any of them. 0: the primary's word is "
+        "enough (a failover may lose its last writes).",
     )
     echo_lease_s: float = Field(
         10.0,

@@ -8,6 +8,7 @@ included (it logs each WebSocket handshake's path with its query string).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -87,7 +88,13 @@ class AccessLog:
         if logger.disabled or not logger.isEnabledFor(logging.INFO):
             return
         now = time.time()
-        entry = {"ts": _timestamp(now), "level": "info", "logger": self.name, "msg": "request"}
+        entry = {
+            "ts": _timestamp(now),
+            "level": "info",
+            "logger": self.name,
+            "pid": os.getpid(),  # as JsonFormatter: which worker
+            "msg": "request",
+        }
         entry.update(fields)
         out = sys.stdout
         out.write(orjson.dumps(entry, default=str).decode() + "\n")

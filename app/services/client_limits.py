@@ -5,6 +5,11 @@ A *client* is the connection's address (``scope["client"]``; uvicorn replaces it
 /64 network, the block one host usually gets. The table forgets a client once it holds no
 session and its bucket has refilled (it would start the same), and never keeps more than
 ``max_clients`` entries, so a flood of addresses cannot grow it without bound.
+
+These are one process's limits, checked first (a refusal costs no Redis work). With the Redis
+store the same limits are also checked across every worker and replica, by the script that
+creates or attaches the session (``app.services.redis_sessions``); both refuse with the errors
+built here.
 """
 
 from __future__ import annotations
@@ -17,7 +22,22 @@ from dataclasses import dataclass
 from app.core.addresses import client_key
 from app.core.errors import Overloaded
 
-__all__ = ["ClientLimits", "client_key"]
+__all__ = ["ClientLimits", "client_key", "rate_limited", "too_many_sessions"]
+
+
+def too_many_sessions(max_attached: int) -> Overloaded:
+    return Overloaded(
+        f"this address already holds {max_attached} open sessions; close one first",
+        "too_many_sessions_from_client",
+    )
+
+
+def rate_limited(rate: float, wait_s: float) -> Overloaded:
+    return Overloaded(
+        f"this address opens sessions faster than {rate:g}/s; retry later",
+        "session_rate_limited",
+        retry_after_s=wait_s,
+    )
 
 
 @dataclass(slots=True)
@@ -58,21 +78,13 @@ class ClientLimits:
         """
         client = self._get(key)
         if client.attached >= self.max_attached:
-            raise Overloaded(
-                f"this address already holds {self.max_attached} open sessions; close one first",
-                "too_many_sessions_from_client",
-            )
+            raise too_many_sessions(self.max_attached)
         if new:
             self._refill(client)
             if client.tokens < 1.0:
                 if client.attached == 0:
                     self._idle.move_to_end(key)  # its bucket is emptier than the others'
-                wait = (1.0 - client.tokens) / self.rate
-                raise Overloaded(
-                    f"this address opens sessions faster than {self.rate:g}/s; retry later",
-                    "session_rate_limited",
-                    retry_after_s=wait,
-                )
+                raise rate_limited(self.rate, (1.0 - client.tokens) / self.rate)
             client.tokens -= 1.0
         if client.attached == 0:
             del self._idle[key]

@@ -117,7 +117,8 @@ class EchoSteps:
         output: tuple[np.ndarray, np.ndarray, np.ndarray],
         done: list[bool],
     ) -> Sequence[Any]:
-        """Scatter the states of the messages still waiting; answer or continue each."""
+        """Scatter the states of the messages still waiting; answer or continue each (None for
+        those answered meanwhile: their step is neither kept nor stored)."""
         probs, bits, new_state = output
         index = np.fromiter((m.slot for m in messages), np.intp, len(messages))
         if any(done):  # answered meanwhile (deadline, gone): their sessions stay as they were
@@ -129,6 +130,9 @@ class EchoSteps:
         answered = 0
         step = probs.shape[1]
         for i, m in enumerate(messages):
+            if done[i]:  # not scattered above, so not stored by ``settle`` either
+                results.append(None)
+                continue
             n = min(len(m.chunk) - m.done, self.max_steps)
             if m.done == 0 and n == len(m.chunk):  # the usual case: the whole message at once
                 results.append(_echoed(m.session, probs[i, :n], bits[i, :n], m.tag))

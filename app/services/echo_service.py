@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -47,7 +48,7 @@ from app.services.echo_batching import Echoed
 from app.services.echo_lanes import EchoLane
 from app.services.echo_sessions import Session
 from app.services.models import EchoModel
-from app.services.redis_sessions import NotReplicated, RedisSessions, Step
+from app.services.redis_sessions import Admission, NotReplicated, RedisSessions, Step
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 1000  # idle connections ended per lane in one sweeper pass
@@ -87,6 +88,11 @@ class EchoService:
             settings.echo_new_sessions_burst,
             settings.echo_max_sessions_per_client,
         )
+        # With Redis the limits also hold across processes: this process's count per client is
+        # written there with each create, attach and release, ordered by these numbers; the
+        # clients whose count may be wrong there (a failed write, a lapse) are written again.
+        self._count_seq = itertools.count(1)
+        self._unsynced: set[str] = set()
 
     @property
     def running(self) -> bool:
@@ -174,20 +180,26 @@ class EchoService:
         if default is None or not self._started:
             raise NotReady("no echo model version is serving")
         key = client_key(client)
-        self.limits.admit(key, new=session_id is None)
+        new = session_id is None
+        self.limits.admit(key, new=new)  # this process's limits first: no Redis work to refuse
+        admission = None
+        if self.durable is not None:  # and the same limits across every process
+            admission = Admission(key, new, self.limits.attached(key), next(self._count_seq))
         try:
             if session_id is None:
                 session = default.create()
                 if self.durable is not None:
-                    await self._create_durable(default, session)
+                    await self._create_durable(default, session, admission)
             elif self.durable is not None:
-                session = await self._attach_durable(session_id, token or "")
+                session = await self._attach_durable(session_id, token or "", admission)
             else:
                 lane = next((x for x in self.lanes.values() if x.store_knows(session_id)), default)
                 assert lane.store is not None
                 session = lane.store.resume(session_id, token or "")
         except BaseException:
             self.limits.release(key)
+            if admission is not None and admission.counted:
+                self._unsynced.add(key)  # Redis may count it: the keeper writes the count again
             raise
         self._connections[session.id] = conn
         self._clients[session.id] = key
@@ -212,14 +224,23 @@ class EchoService:
             raise NotReady("no echo model version is serving")
         key = client_key(client)
         self.limits.admit(key, new=start is not None)
+        admission = None
+        if self.durable is not None:  # and the same limits across every process
+            admission = Admission(
+                key, start is not None, self.limits.attached(key), next(self._count_seq)
+            )
         try:
             if self.durable is None:
                 session = self._open_sequence_here(session_id, token, start)
                 version = session.version
             else:
-                session, version = await self._open_sequence_durable(session_id, token, start)
+                session, version = await self._open_sequence_durable(
+                    session_id, token, start, admission
+                )
         except BaseException:
             self.limits.release(key)
+            if admission is not None and admission.counted:
+                self._unsynced.add(key)  # Redis may count it: the keeper writes the count again
             raise
         self._clients[session.id] = key
         return session, version
@@ -240,13 +261,13 @@ class EchoService:
         return start.create(session_id, token)
 
     async def _open_sequence_durable(
-        self, session_id: str, token: str, start: EchoLane | None
+        self, session_id: str, token: str, start: EchoLane | None, admission: Admission | None
     ) -> tuple[Session, int]:
         assert self.durable is not None
         await self._settle_release(session_id)
         for delay in (*SEQUENCE_IN_USE_RETRIES_S, None):
             try:
-                stored = await self.durable.acquire(session_id, token)
+                stored = await self.durable.acquire(session_id, token, admission)
                 break
             except NotReplicated as exc:
                 if exc.fence is not None:
@@ -257,7 +278,7 @@ class EchoService:
                     raise
                 session = start.create(session_id, token)
                 try:
-                    await self._create_durable(start, session)
+                    await self._create_durable(start, session, admission)
                 except Conflict as exc:
                     if exc.code != "session_exists":
                         raise
@@ -331,22 +352,28 @@ class EchoService:
             self.limits.release(key)
         lane = self.lanes.get(session.version)
         if lane is None or lane.store is None or not session.attached:
+            if self.durable is not None and key is not None:
+                self._unsynced.add(key)
             return
         lane.store.detach(session, **log_extra)
         if self.durable is not None:
             # A client that reconnects here at once waits for this instead of session_in_use.
             released = self._releasing[session.id] = asyncio.get_running_loop().create_future()
             try:
-                await self._release(session.id, session.fence)
+                await self._release(session.id, session.fence, key)
             finally:
                 released.set_result(None)
                 if self._releasing.get(session.id) is released:
                     del self._releasing[session.id]
 
-    async def _create_durable(self, lane: EchoLane, session: Session) -> None:
+    async def _create_durable(
+        self, lane: EchoLane, session: Session, admission: Admission | None
+    ) -> None:
         assert lane.store is not None and self.durable is not None
         try:
-            await self.durable.create(session.id, session.token, lane.store.initial, lane.version)
+            await self.durable.create(
+                session.id, session.token, lane.store.initial, lane.version, admission
+            )
         except BaseException:
             lane.store.discard(session)
             raise
@@ -362,11 +389,13 @@ class EchoService:
         if unreleased is not None:  # detached here while Redis failed: give it up first
             await self._release(session_id, unreleased)
 
-    async def _attach_durable(self, session_id: str, token: str) -> Session:
+    async def _attach_durable(
+        self, session_id: str, token: str, admission: Admission | None
+    ) -> Session:
         assert self.durable is not None
         await self._settle_release(session_id)
         try:
-            stored = await self.durable.acquire(session_id, token)
+            stored = await self.durable.acquire(session_id, token, admission)
         except NotReplicated as exc:  # attached, but not on enough replicas: not ours to use
             if exc.fence is not None:
                 await self._release(session_id, exc.fence)
@@ -387,14 +416,20 @@ class EchoService:
         session.fence = stored.fence
         return session
 
-    async def _release(self, session_id: str, fence: int) -> None:
-        """Give a session up; if Redis cannot be told now, the keeper retries every tick (this
-        process's live owner key would keep the session in use otherwise)."""
+    async def _release(self, session_id: str, fence: int, client: str | None = None) -> None:
+        """Give a session up (and record this process's new count of ``client``'s sessions);
+        if Redis cannot be told now, the keeper retries every tick (this process's live owner
+        key would keep the session in use otherwise)."""
         assert self.durable is not None
+        count = None
+        if client is not None:
+            count = (client, next(self._count_seq), self.limits.attached(client))
         try:
-            await self.durable.release([(session_id, fence)])
-        except ServiceError:
-            self._unreleased[session_id] = fence
+            await self.durable.release([(session_id, fence)], count)
+        except ServiceError:  # the latest fence covers earlier ones (release takes fence or less)
+            self._unreleased[session_id] = max(fence, self._unreleased.get(session_id, 0))
+            if client is not None:
+                self._unsynced.add(client)
 
     def _sessions(self) -> list[Session]:
         return [
@@ -430,22 +465,34 @@ class EchoService:
                 for session_id, fence in chunk:
                     if self._unreleased.get(session_id) == fence:
                         del self._unreleased[session_id]
-            if not self._lapsed:
-                return
-            leases = self._leases()
-            if leases:
-                log.warning("echo lease lapsed; checking sessions", extra={"count": len(leases)})
-            lost: list[tuple[str, int]] = []
-            for i in range(0, len(leases), 1000):
-                chunk = leases[i : i + 1000]
-                held = await self.durable.reclaim(chunk)
-                lost += [lease for lease, ok in zip(chunk, held, strict=True) if not ok]
-            self._lapsed = False
-            attached = {s.id: s for s in self._sessions() if s.attached} if lost else {}
-            for session_id, fence in lost:
-                session = attached.get(session_id)
-                if session is not None and session.fence == fence:
-                    self._end(session, LeaseLost("another connection took the session"))
+            if self._lapsed:
+                await self._reclaim()
+            while self._unsynced:  # only after a failed write, or a lapse
+                clients = list(itertools.islice(self._unsynced, 1000))
+                counts = [(c, next(self._count_seq), self.limits.attached(c)) for c in clients]
+                await self.durable.record_clients(counts)
+                self._unsynced.difference_update(clients)
+
+    async def _reclaim(self) -> None:
+        """After the owner key lapsed: take back the sessions nobody took meanwhile, end the
+        connections of the others, and write every client's count again (the other processes
+        dropped this one's counts while its owner key was gone)."""
+        assert self.durable is not None
+        leases = self._leases()
+        if leases:
+            log.warning("echo lease lapsed; checking sessions", extra={"count": len(leases)})
+        lost: list[tuple[str, int]] = []
+        for i in range(0, len(leases), 1000):
+            chunk = leases[i : i + 1000]
+            held = await self.durable.reclaim(chunk)
+            lost += [lease for lease, ok in zip(chunk, held, strict=True) if not ok]
+        self._lapsed = False
+        self._unsynced.update(self._clients.values())
+        attached = {s.id: s for s in self._sessions() if s.attached} if lost else {}
+        for session_id, fence in lost:
+            session = attached.get(session_id)
+            if session is not None and session.fence == fence:
+                self._end(session, LeaseLost("another connection took the session"))
 
     async def advance(self, session: Session, chunk: bytes, tag: bytes = b"") -> Echoed:
         """Advance ``session`` by one message's bits → probabilities, bits, the reply's seq.

@@ -1,13 +1,23 @@
 """``ECHO_STORE_URL`` forms that name Redis through its Sentinels (issue 24).
 
-``redis+sentinel://[user:password@]host1:port1,host2:port2/<master-name>[/<db>]`` (and
+``redis+sentinel://[user:password@]host1:port1,host2:port2/<master-name>[/<db>][?options]`` (and
 ``rediss+sentinel://`` for TLS to the Sentinels and to the Redis servers they name): the service
 asks the Sentinels which server is the primary of ``<master-name>`` and asks again after a
-failover. The credentials are those of the Redis servers (primary and replicas); the Sentinels
-are reached without them. A port left out is Sentinel's own, 26379.
+failover. The URL's credentials are those of the Redis servers (primary and replicas); Sentinels
+that require a password of their own (their ``requirepass``) get ``sentinel_password`` (and
+``sentinel_username`` for an ACL user) from the query. A port left out is Sentinel's own, 26379.
 
-The parser is strict (no query, no fragment, no empty host, a port in 1–65535, a database
-number 0 or more) and its errors never quote the URL: it carries the password.
+Query options (each at most once; values percent-encoded, ``+`` is a plus):
+
+- ``sentinel_username``, ``sentinel_password``: the Sentinels' credentials;
+- with ``rediss+sentinel://`` only, the TLS options of redis-py's ``rediss://`` URLs, for the
+  Sentinel connections and the Redis connections alike: ``ssl_ca_certs`` (a CA file),
+  ``ssl_ca_path``, ``ssl_certfile`` and ``ssl_keyfile`` (a client certificate),
+  ``ssl_cert_reqs`` (``required``, the default, ``optional`` or ``none``) and
+  ``ssl_check_hostname`` (``true``, the default, or ``false``).
+
+The parser is strict (no fragment, no unknown option, no empty host, a port in 1–65535, a
+database number 0 or more) and its errors never quote the URL: it carries passwords.
 """
 
 from __future__ import annotations
@@ -22,6 +32,11 @@ SENTINEL_PORT = 26379
 _HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)$")
 _MASTER = re.compile(r"^[A-Za-z0-9._-]+$")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII digits only ("²".isdigit() is true, int("²") raises)
+_OPTION_NAME = re.compile(r"^[a-z_]{1,40}$")  # quoted in an error only if it looks like one
+SENTINEL_AUTH_OPTIONS = ("sentinel_username", "sentinel_password")
+TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
+_CERT_REQS = ("required", "optional", "none")
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,9 @@ class SentinelUrl:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: bool = False
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    ssl: dict[str, str | bool] = field(default_factory=dict)  # redis-py's ssl_* arguments
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -46,8 +64,11 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in SENTINEL_SCHEMES:
         raise ValueError("a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://")
-    if "?" in rest or "#" in rest:
-        raise ValueError("a Sentinel URL takes no query or fragment")
+    if "#" in rest:
+        raise ValueError("a Sentinel URL takes no fragment")
+    rest, _, query = rest.partition("?")
+    tls = SENTINEL_SCHEMES[scheme.lower()]
+    options = _options(query, tls)
     netloc, slash, path = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
     username = password = None
@@ -71,8 +92,41 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         db=db,
         username=username,
         password=password,
-        tls=SENTINEL_SCHEMES[scheme.lower()],
+        tls=tls,
+        sentinel_username=options.pop("sentinel_username", None),  # type: ignore[arg-type]
+        sentinel_password=options.pop("sentinel_password", None),  # type: ignore[arg-type]
+        ssl=options,
     )
+
+
+def _options(query: str, tls: bool) -> dict[str, str | bool]:
+    """The query's options, checked; the TLS ones only with ``rediss+sentinel://``."""
+    options: dict[str, str | bool] = {}
+    for pair in query.split("&") if query else []:
+        name, eq, raw = pair.partition("=")
+        if not _OPTION_NAME.match(name):
+            raise ValueError("a Sentinel URL's query is name=value pairs separated by &")
+        known = name in SENTINEL_AUTH_OPTIONS or name in TLS_FILE_OPTIONS
+        if not known and name not in ("ssl_cert_reqs", "ssl_check_hostname"):
+            raise ValueError(f"a Sentinel URL takes no option {name!r}")
+        if name.startswith("ssl_") and not tls:
+            raise ValueError(f"{name!r} needs rediss+sentinel:// (TLS)")
+        if name in options:
+            raise ValueError(f"the option {name!r} appears twice in a Sentinel URL")
+        value = unquote(raw)
+        if not eq or not value:
+            raise ValueError(f"the option {name!r} of a Sentinel URL needs a value")
+        if name == "ssl_cert_reqs" and value.lower() not in _CERT_REQS:
+            raise ValueError("ssl_cert_reqs is required, optional or none")
+        if name == "ssl_check_hostname":
+            if value.lower() not in _BOOLS:
+                raise ValueError("ssl_check_hostname is true or false")
+            options[name] = _BOOLS[value.lower()]
+        else:
+            options[name] = value.lower() if name == "ssl_cert_reqs" else value
+    if "sentinel_username" in options and "sentinel_password" not in options:
+        raise ValueError("sentinel_username goes with sentinel_password")
+    return options
 
 
 def _address(part: str) -> tuple[str, int]:
