@@ -13,11 +13,13 @@ coming from the ``authorization`` metadata.
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -26,7 +28,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.live_server import LiveServer, start_server
+from tests.live_server import LiveServer, RedisServer, start_server
+from tests.metrics import sample_value
 from tests.test_api_echo import send_bits, session
 from tests.test_v2_sequences import chunks_of, echo_reference
 
@@ -369,3 +372,33 @@ def echo_reference_keyed(server: LiveServer, chunks: list[np.ndarray], key: str)
     """The probabilities an ``/echo`` session opened with ``key`` answers to the same bits."""
     with session(server, f"?access_token={key}") as (ws, _):
         return [np.array(send_bits(ws, c.tolist())["probabilities"], np.float32) for c in chunks]
+
+
+def test_two_workers_share_the_grpc_port_and_a_sequence_through_redis(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """``WEB_CONCURRENCY=2``: both workers serve ``GRPC_PORT`` (``SO_REUSEPORT``); a sequence
+    whose every step comes on a new connection (either worker) answers as one ``/echo`` session,
+    its state in Redis; ``/metrics`` counts the calls of both workers."""
+    chunks = chunks_of(101, [5, 9, 3, 12, 7, 4, 8, 6])
+    env = {"WEB_CONCURRENCY": "2", "ECHO_STORE_URL": redis.url}
+    with start_server(tmp_path, env) as server:
+        got = []
+        for j, chunk in enumerate(chunks):
+            own = [("grpc.use_local_subchannel_pool", 1)]  # a new connection every step
+            c = triton.InferenceServerClient(server.grpc_url, channel_args=own)
+            try:
+                result = step(c, "two-workers", chunk, start=j == 0, request_id=f"w{j}")
+            finally:
+                c.close()
+            got.append(answer(result, len(chunk)))
+        text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+        calls = sample_value(text, "grpc_requests_total", method="ModelInfer", code="OK")
+        want = echo_reference(server, chunks)
+        lines = [json.loads(line) for line in server.log_text().splitlines()
+                 if line.startswith("{") and '"gRPC serving"' in line]  # fmt: skip
+    assert calls == len(chunks)
+    assert len({line["pid"] for line in lines}) == 2
+    assert len({line["address"] for line in lines}) == 1
+    for probs, reference in zip(got, want, strict=True):
+        np.testing.assert_allclose(probs, reference, atol=1e-5)
