@@ -126,7 +126,7 @@ def test_an_echo_message_past_its_deadline_fails_and_leaves_no_trace(
 
     async def scenario() -> tuple[np.ndarray, np.ndarray]:
         flaky = Flaky(echo_model)
-        svc = await service(flaky, request_timeout_s=0.2)
+        svc = await service(flaky, request_timeout_s=1.0)  # the probe after it has 1 s too
         session = await svc.open(None, None, object())  # type: ignore[arg-type]
         flaky.gate.clear()
         with pytest.raises(DeadlineExceeded):
