@@ -323,6 +323,7 @@ def test_missing_model_dir_stops_the_server_naming_the_path(tmp_path: Path) -> N
     missing = tmp_path / "no-models-here"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MODEL_DIR": str(missing)}
     env["PORT"] = str(free_port())
+    env["GRPC_PORT"] = "0"  # not the default 8001, which a running stack may hold
     cmd = SERVER_COMMAND
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0

@@ -87,6 +87,7 @@ def test_a_broken_model_stops_the_server_naming_its_path(tmp_path: Path, damage:
     (version / damage).write_bytes(b"this is not a model")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MODEL_DIR": str(models)}
     env["PORT"] = str(free_port())
+    env["GRPC_PORT"] = "0"  # not the default 8001, which a running stack may hold
     cmd = SERVER_COMMAND
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
