@@ -56,7 +56,8 @@ def file_pid(file: Path) -> int | None:
     """The process that wrote ``file`` (``<type>_[<mode>_]<pid>.db``, ``bulk_<pid>_<n>.bin``)."""
     parts = file.stem.split("_")
     candidates = [parts[1]] if parts[0] == "bulk" and len(parts) > 1 else parts[-1:]
-    return int(candidates[0]) if candidates[0].isdigit() else None
+    pid = candidates[0]
+    return int(pid) if pid.isascii() and pid.isdigit() else None  # int("²") would raise
 
 
 def clean_multiprocess_dir(path: Path, keep_pid: int | None = None) -> int:
