@@ -19,12 +19,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.core.errors import NotFound, SequenceBusy, SequenceError
-from app.services.echo_sequences import EchoSequences, SequenceReply, _session_id
+from app.services.echo_sequences import EchoSequences, _session_id
 from app.services.echo_service import EchoService
 from app.services.models import EchoModel
 from tests.redis_server import RedisServer
 from tests.test_echo_core import Flaky, echo_model, service, stream
-from tests.test_echo_sequences import Renamed, echo_reference
+from tests.test_echo_sequences import Renamed, echo_reference, step
 
 __all__ = ["echo_model"]  # a fixture
 
@@ -48,28 +48,6 @@ def replicas(
             await b.stop()
 
     asyncio.run(main())
-
-
-async def step(
-    seqs: EchoSequences,
-    sequence_id: int | str,
-    chunk: bytes,
-    *,
-    start: bool = False,
-    end: bool = False,
-    request_id: str | None = None,
-    version: int | None = None,
-) -> SequenceReply:
-    return await seqs.step(
-        scope="",
-        sequence_id=sequence_id,
-        start=start,
-        end=end,
-        request_id=request_id,
-        bits=np.frombuffer(chunk, np.uint8),
-        version=version,
-        client="127.0.0.1",
-    )
 
 
 def test_a_sequence_alternates_between_replicas(echo_model: EchoModel, redis: RedisServer) -> None:
