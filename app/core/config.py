@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         description="Run the echo step XLA-compiled, padded to power-of-two shapes (each new "
         "shape compiles once).",
     )
+    echo_numpy_step: bool = Field(
+        True,
+        description="Run the echo model calls that a NumPy copy of its step does with less CPU "
+        "than TensorFlow (checked against the SavedModel and timed at load) in NumPy.",
+    )
     echo_max_queue_delay_ms: float = Field(
         0.3, ge=0, description="Longest an echo message waits for others to join its batch."
     )

@@ -50,6 +50,8 @@ class EchoLane:
                 await asyncio.to_thread(self.model.compile_xla, s.echo_max_batch_sessions)
             except Exception:  # e.g. a TensorFlow build without XLA: serve the plain signature
                 log.warning("echo XLA compilation failed; running without XLA", exc_info=True)
+        if s.echo_numpy_step:
+            await asyncio.to_thread(self.model.use_numpy_step, s.echo_max_batch_sessions)
         self.store = SessionStore(
             initial[0],
             s.echo_max_sessions,

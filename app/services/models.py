@@ -34,6 +34,7 @@ from modelspec.contract import (
     ModelMetadata,
     ModelNotFoundError,
 )
+from modelspec.echo_numpy import EchoStepNumpy, matches, weights_by_name
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ class EchoModel(ServedModel):
         ECHO_INITIAL_STATE_SIGNATURE: {ECHO_BATCH_SIZE},
     }
     _compiled: Any = None  # the XLA concrete function, once built
+    _numpy_step: EchoStepNumpy | None = None  # once use_numpy_step() found it good and cheaper
+    _numpy_costs: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     @property
     def state_dim(self) -> int:
@@ -224,7 +227,14 @@ class EchoModel(ServedModel):
     def infer(
         self, bits: np.ndarray, state: np.ndarray, lengths: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`step`, XLA-compiled and padded to power-of-two shapes, if compiled."""
+        """:meth:`step`: in NumPy where :meth:`use_numpy_step` measured that cheaper, else
+        XLA-compiled and padded to power-of-two shapes, if compiled."""
+        numpy_step = self._numpy_step
+        if numpy_step is not None:
+            n, t = bits.shape
+            per_row_step, per_step, per_row_call, per_call = self._numpy_costs
+            if t * (per_step + per_row_step * n) < per_call + per_row_call * n:
+                return numpy_step(bits, state, lengths)
         if self._compiled is None:
             return self.step(bits, state, lengths)
         n, t = bits.shape
@@ -270,9 +280,58 @@ class EchoModel(ServedModel):
             extra={"rows": sizes, "seconds": round(time.monotonic() - start, 2)},
         )
 
+    def use_numpy_step(self, largest: int) -> bool:
+        """Run calls in NumPy (``modelspec.echo_numpy``) where that is cheaper than TensorFlow.
+
+        The NumPy step is built from ``metadata.json``'s ``cell``, ``layers`` and
+        ``state_size`` and the SavedModel's variables, and used only if it matches the
+        signature on random inputs (1e-5). Then both are timed on this machine, one bit per row
+        at 1 row and at ``min(largest, 1024)`` rows: a call of ``[n, t]`` goes to NumPy when
+        ``t`` NumPy steps of ``n`` rows cost less than one TensorFlow call of ``n`` rows (the
+        TensorFlow call's own growth with ``t`` is left out, which only errs towards
+        TensorFlow). Blocking, ~0.1 s: call it off the event loop, after :meth:`compile_xla`.
+        Returns whether NumPy takes any calls.
+        """
+        hyper = self.metadata.hyperparameters
+        try:
+            twin = EchoStepNumpy(
+                str(hyper["cell"]),
+                int(hyper["layers"]),
+                int(hyper["state_size"]),
+                weights_by_name(list(self._loaded.model_variables)),
+            )
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            log.info("echo model has no NumPy step", extra={"reason": repr(exc)})
+            return False
+        if twin.state_dim != self.state_dim or matches(twin, self.step) is None:
+            log.warning("echo model's NumPy step disagrees with its SavedModel; not used")
+            return False
+        rows = max(2, min(largest, 1024))
+        numpy_1, numpy_n = (_cpu_per_call(twin, r, self.state_dim) for r in (1, rows))
+        tf_1, tf_n = (_cpu_per_call(self.infer, r, self.state_dim) for r in (1, rows))
+        self._numpy_costs = (
+            max(0.0, (numpy_n - numpy_1) / (rows - 1)),
+            numpy_1,
+            max(0.0, (tf_n - tf_1) / (rows - 1)),
+            tf_1,
+        )
+        self._numpy_step = twin
+        cheaper = numpy_1 < tf_1 or numpy_n < tf_n
+        log.info(
+            "echo model's NumPy step measured",
+            extra={
+                "numpy_us": [round(numpy_1 * 1e6), round(numpy_n * 1e6)],
+                "tensorflow_us": [round(tf_1 * 1e6), round(tf_n * 1e6)],
+                "rows": [1, rows],
+                "used_for_small_calls": cheaper,
+            },
+        )
+        return cheaper
+
     def unload(self) -> None:
         super().unload()
         self._compiled = None
+        self._numpy_step = None
 
     def warm_up(self) -> None:
         """Two sessions, 8 steps: state and output shapes, finite probabilities."""
@@ -292,6 +351,23 @@ class EchoModel(ServedModel):
             )
         if not (np.isfinite(probs).all() and np.isfinite(new_state).all()):
             raise ModelLoadError(f"{self.path}: the warm-up outputs are not finite")
+
+
+def _cpu_per_call(call: Any, rows: int, state_dim: int, repeats: int = 3) -> float:
+    """The least CPU seconds of the calling thread per call of one bit on ``rows`` rows (work
+    TensorFlow hands to its own threads is not counted, which only errs towards TensorFlow)."""
+    bits = np.ones((rows, 1), np.float32)
+    state = np.zeros((rows, state_dim), np.float32)
+    lengths = np.ones(rows, np.int32)
+    calls = max(3, 200 // rows)
+    call(bits, state, lengths)  # anything lazy happens here, not in the timing
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.thread_time()
+        for _ in range(calls):
+            call(bits, state, lengths)
+        best = min(best, (time.thread_time() - start) / calls)
+    return best
 
 
 def _next_power_of_two(n: int) -> int:
