@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "app", "modelspec", "bench"],
+        ["git", "status", "--porcelain", "--", "app", "modelspec", "bench", ":!bench/results"],
         cwd=REPO,
         capture_output=True,
         text=True,
