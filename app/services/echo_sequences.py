@@ -154,6 +154,35 @@ class EchoSequences:
         step. Once begun, a step completes even if the caller is cancelled (a retry then finds
         its answer).
         """
+        return await asyncio.shield(
+            self.begin(
+                scope=scope,
+                sequence_id=sequence_id,
+                start=start,
+                end=end,
+                request_id=request_id,
+                bits=bits,
+                version=version,
+                client=client,
+            )
+        )
+
+    def begin(
+        self,
+        *,
+        scope: str,
+        sequence_id: int | str | None,
+        start: bool,
+        end: bool,
+        request_id: str | None,
+        bits: np.ndarray,
+        version: int | None,
+        client: str | None = None,
+    ) -> asyncio.Task[SequenceReply]:
+        """:meth:`step` for a caller that never cancels what it waits for (a gRPC stream
+        answers its requests from callbacks): the request is checked at once (the same errors,
+        raised here), and the step runs in the task returned, which nothing else cancels; its
+        result or error is :meth:`step`'s. Await it through ``asyncio.shield``, or not at all."""
         settings = self.echo.settings
         key = sequence_key(sequence_id)
         if type(start) is not bool or type(end) is not bool:
@@ -180,7 +209,7 @@ class EchoSequences:
         )
         self._steps.add(task)  # a strong reference while it runs (shielded)
         task.add_done_callback(self._finished)
-        return await asyncio.shield(task)
+        return task
 
     def _finished(self, task: asyncio.Task[SequenceReply]) -> None:
         self._steps.discard(task)
