@@ -6,9 +6,10 @@ S closed loops of 1-bit steps on the shipped echo model (memory store, batching 
 service's defaults), first as ``/echo`` sessions step (``EchoService.advance`` on an attached
 session), then as v2 sequences step (``EchoSequences.step``: attach, advance, detach and keep
 the reply for retries, each step). One JSON line each: steps/s and CPU µs per step of this
-process (the event loop, the model thread and TensorFlow's). The difference is what the
-sequence extension costs per step over a WebSocket message, whichever transport carries it
-(``bench.grpc`` compares the transports).
+process (the event loop, the model thread and TensorFlow's), with the server's garbage
+collector settings (``app.core.runtime.tune_runtime``, once the model is loaded). The difference
+is what the sequence extension costs per step over a WebSocket message, whichever transport
+carries it (``bench.grpc`` compares the transports).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import uvloop
 
 from app.core.config import Settings
+from app.core.runtime import tune_runtime
 from app.services.echo_sequences import EchoSequences
 from app.services.echo_service import EchoService
 from app.services.models import EchoModel
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", type=Path, default=REPO / "models")
     args = ap.parse_args(argv)
     model = load_model(args.model_dir)
+    tune_runtime()  # as app.main does once everything is loaded: GC costs as in the server
     for mode in ("sessions", "sequences"):
         print(json.dumps(uvloop.run(measure(model, mode, args.sessions, args.duration))))
 

@@ -24,13 +24,19 @@ from app.core.errors import (
     SequenceError,
     TooLarge,
 )
+from app.services.echo_replies import HAS_ID, SequenceTag, pack_reply
 from app.services.echo_sequences import (
+    _FLAGS_AT,
+    _ID_DIGEST,
+    _REQUEST_DIGEST,
     MAX_WAITING,
     EchoSequences,
     SequenceReply,
+    _chunk,
     _session_id,
     scope_of,
     sequence_bits,
+    sequence_key,
 )
 from app.services.echo_service import EchoService
 from app.services.models import EchoModel
@@ -205,6 +211,37 @@ def test_other_dtypes_of_0_and_1_are_bits(echo_model: EchoModel) -> None:
     run(echo_model, scenario)
 
 
+def _general_chunk(bits: np.ndarray) -> bytes | str:
+    """What ``_chunk`` answers through its general NumPy check (a two-byte integer array of the
+    same values), or the code it refuses with."""
+    try:
+        return _chunk(bits.astype(np.int16), 4096)
+    except InvalidInput as exc:
+        return exc.code
+
+
+def test_the_one_byte_fast_path_of_chunk_accepts_and_refuses_as_the_general_check() -> None:
+    every_byte = np.arange(256, dtype=np.uint8)
+    for dtype in (np.uint8, np.int8):
+        for value in every_byte.view(dtype):
+            bits = np.array([1, value, 0], dtype)
+            try:
+                fast: bytes | str = _chunk(bits, 4096)
+            except InvalidInput as exc:
+                fast = exc.code
+            assert fast == _general_chunk(bits), (dtype, value)
+        mixed = np.array([0, 1, 1, 0, 1], dtype)
+        assert _chunk(mixed, 4096) == _general_chunk(mixed) == b"\0\1\1\0\1"
+        assert _chunk(mixed[::2], 4096) == b"\0\1\1"  # a strided view, as NumPy reads it
+
+
+def test_the_tag_fields_are_read_where_sequence_tag_packs_them() -> None:
+    tag = SequenceTag(HAS_ID, 7, bytes(range(16)), bytes(range(100, 108)))
+    packed = pack_reply(3, np.full(2, 0.5, np.float32), np.ones(2, np.uint8), tag.pack())
+    assert packed[_FLAGS_AT] == HAS_ID
+    assert packed[_ID_DIGEST] == tag.id_digest and packed[_REQUEST_DIGEST] == tag.request_digest
+
+
 def test_sequence_bits_takes_one_row() -> None:
     assert sequence_bits("bits", np.zeros((1, 5), np.uint8)).shape == (5,)
     for shape in ((5,), (2, 5), (1, 5, 1)):
@@ -330,6 +367,43 @@ def test_steps_of_one_sequence_run_one_at_a_time(echo_model: EchoModel) -> None:
 
     flaky = Flaky(echo_model)
     run(flaky, scenario, inline_call_budget_ms=0)
+
+
+def test_a_step_that_waited_too_long_for_its_turn_leaves_the_queue(echo_model: EchoModel) -> None:
+    async def scenario(svc: EchoService, seqs: EchoSequences) -> None:
+        await step(seqs, 4, stream(0, 3), start=True)
+        session_id = _session_id("", sequence_key(4))
+        assert seqs._enter(session_id) is None  # as a step of the sequence running for long
+        waiting = [asyncio.create_task(step(seqs, 4, stream(k, 3))) for k in (1, 2)]
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert [type(r) for r in results] == [SequenceBusy, SequenceBusy]
+        turn = seqs._turns[session_id]
+        assert turn.users == 1 and not turn.waiters  # they left the queue
+        seqs._leave(session_id)
+        assert seqs._turns == {}
+        await step(seqs, 4, stream(1, 3))  # the sequence still takes steps
+
+    run(echo_model, scenario, request_timeout_s=0.2)
+
+
+def test_a_turn_handed_to_a_step_that_is_cancelled_passes_to_the_next(
+    echo_model: EchoModel,
+) -> None:
+    async def scenario(svc: EchoService, seqs: EchoSequences) -> None:
+        assert seqs._enter("s") is None  # the turn, at once
+        first, second = seqs._enter("s"), seqs._enter("s")
+        assert first is not None and second is not None
+        waiting = [asyncio.create_task(seqs._wait_turn("s", w)) for w in (first, second)]
+        await asyncio.sleep(0)
+        seqs._leave("s")  # hands the turn to the first waiting ...
+        waiting[0].cancel()  # ... which is cancelled before it runs: it must pass it on
+        with pytest.raises(asyncio.CancelledError):
+            await waiting[0]
+        await asyncio.wait_for(waiting[1], 1)  # the second has the turn
+        seqs._leave("s")
+        assert seqs._turns == {}
+
+    run(echo_model, scenario)
 
 
 def test_starts_count_against_the_client_limits(echo_model: EchoModel) -> None:

@@ -136,6 +136,11 @@ def infer_response(
         model_name=model_name, model_version=model_version, id=request_id
     )
     for name, array in outputs:
-        response.outputs.add(name=name, datatype=tensor_codec.datatype_of(array), shape=array.shape)
-        response.raw_output_contents.append(tensor_codec.encode_binary(array))
+        datatype = tensor_codec.DATATYPES.get(array.dtype)
+        if datatype is not None:  # little-endian (or one byte) already: its bytes as they are
+            data = array.tobytes()
+        else:
+            datatype, data = tensor_codec.datatype_of(array), tensor_codec.encode_binary(array)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(data)
     return response

@@ -20,6 +20,7 @@ gRPC answers ``UNIMPLEMENTED``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Hashable
 from typing import Any
 
@@ -30,8 +31,8 @@ from app.core.errors import GoingAway, ServiceError
 from app.grpc import codec
 from app.grpc.guard import Caller
 from app.grpc.proto import pb
-from app.grpc.stream import InferStream
-from app.services.echo_sequences import sequence_key
+from app.grpc.stream import Begun, InferStream
+from app.services.echo_sequences import SequenceReply, sequence_key
 from app.services.models import ServedModel
 from app.services.open_inference import (
     DIGIT_OUTPUTS,
@@ -39,10 +40,11 @@ from app.services.open_inference import (
     EXTENSIONS,
     SERVER_NAME,
     SERVER_VERSION,
+    begin_sequence_step,
     classify_digits,
     digit_images,
     model_metadata,
-    sequence_step,
+    sequence_outputs,
     sequences_for,
     served_model,
     wanted_outputs,
@@ -106,7 +108,21 @@ class InferenceServicer:
     ) -> pb.ModelInferResponse:
         model = served_model(self.state.models, request.model_name, request.model_version)
         if model.name != DIGIT_MODEL:
-            return await self._sequence_step(request, model, caller)
+            step, answer = self._begin_sequence_step(request, model, caller)
+            return answer(await asyncio.shield(step))
+        return await self._classify(request, model)
+
+    def begin_infer(self, request: pb.ModelInferRequest, caller: Caller) -> Begun:
+        """:meth:`model_infer` for a stream: begun now (a refused request raises here) in a
+        future that nothing cancels, and the function turning its result into the response."""
+        model = served_model(self.state.models, request.model_name, request.model_version)
+        if model.name != DIGIT_MODEL:
+            return self._begin_sequence_step(request, model, caller)
+        return asyncio.ensure_future(self._classify(request, model)), _as_is
+
+    async def _classify(
+        self, request: pb.ModelInferRequest, model: ServedModel
+    ) -> pb.ModelInferResponse:
         settings = self.settings
         tensors = codec.input_tensors(request, settings.max_request_bytes)
         outputs = wanted_outputs(codec.requested_outputs(request), DIGIT_OUTPUTS)
@@ -117,14 +133,14 @@ class InferenceServicer:
             model.name, str(model.version), request.id, [(n, arrays[n]) for n in outputs]
         )
 
-    async def _sequence_step(
+    def _begin_sequence_step(
         self, request: pb.ModelInferRequest, model: ServedModel, caller: Caller
-    ) -> pb.ModelInferResponse:
+    ) -> Begun:
         params = sequence_parameters(request)
         sequences = sequences_for(self.state.sequences, params)
         outputs = wanted_outputs(codec.requested_outputs(request), ECHO_OUTPUTS)
         tensors = codec.input_tensors(request, self.settings.max_request_bytes)
-        reply, arrays = await sequence_step(
+        step = begin_sequence_step(
             sequences,
             model,
             bool(request.model_version),
@@ -134,25 +150,26 @@ class InferenceServicer:
             caller.api_key,
             caller.client,
         )
-        response = codec.infer_response(
-            model.name, str(reply.version), request.id, [(n, arrays[n]) for n in outputs]
-        )
-        if reply.replayed:
-            response.parameters["replayed"].bool_param = True
-        return response
+
+        def answer(reply: SequenceReply) -> pb.ModelInferResponse:
+            arrays = sequence_outputs(reply)
+            response = codec.infer_response(
+                model.name, str(reply.version), request.id, [(n, arrays[n]) for n in outputs]
+            )
+            if reply.replayed:
+                response.parameters["replayed"].bool_param = True
+            return response
+
+        return step, answer
 
     async def model_stream_infer(self, context: ServicerContext, caller: Caller) -> None:
         settings = self.settings
         if self.closed:
             raise GoingAway("the server is shutting down", "shutting_down")
-
-        async def infer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-            return await self.model_infer(request, caller)
-
         stream = InferStream(
             context,
             caller,
-            infer,
+            functools.partial(self.begin_infer, caller=caller),
             self.order_key,
             settings.max_request_bytes,
             settings.echo_idle_timeout_s,
@@ -177,12 +194,17 @@ class InferenceServicer:
     def order_key(self, request: pb.ModelInferRequest) -> Hashable | None:
         """A stream runs the steps of one sequence in the order they came: their key is the
         sequence's (the stream has one caller, so one scope); other requests have none."""
-        if "sequence_id" not in request.parameters:
+        value = request.parameters.get("sequence_id")
+        if value is None:
             return None
         try:
-            return sequence_key(sequence_parameters(request).get("sequence_id"))
+            return sequence_key(_value(value))
         except ServiceError:
             return None  # refused when it runs, as over ModelInfer
+
+
+def _as_is(response: pb.ModelInferResponse) -> pb.ModelInferResponse:
+    return response
 
 
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
@@ -194,9 +216,15 @@ def sequence_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
     ``bool_param``). A value of another kind reaches ``EchoSequences.step``, which refuses it."""
     params = request.parameters
     found: dict[str, Any] = {}
-    for name in SEQUENCE_PARAMETERS:
-        if name in params:
-            value = params[name]
-            choice = value.WhichOneof("parameter_choice")
-            found[name] = getattr(value, choice) if choice is not None else None
+    if params:
+        for name in SEQUENCE_PARAMETERS:
+            value = params.get(name)  # get: [] would add the parameter
+            if value is not None:
+                found[name] = _value(value)
     return found
+
+
+def _value(parameter: pb.InferParameter) -> Any:
+    """The Python value a parameter holds (``None`` when none of its fields is set)."""
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice is not None else None

@@ -21,8 +21,8 @@ Both timeouts are checked by one watchdog per stream, once a second, not per mes
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
-from functools import lru_cache
+from collections.abc import Callable, Hashable
+from functools import lru_cache, partial
 from typing import Any
 
 import grpc
@@ -38,7 +38,10 @@ MAX_IN_FLIGHT = 256
 WATCH_PERIOD_S = 1.0
 _WAKE = object()  # the reader reached the end: the writer checks whether all is answered
 
-Infer = Callable[[pb.ModelInferRequest], Awaitable[pb.ModelInferResponse]]
+# A request begun: the future that runs it (nothing cancels it), and what turns its result into
+# the response.
+Begun = tuple["asyncio.Future[Any]", Callable[[Any], pb.ModelInferResponse]]
+Begin = Callable[[pb.ModelInferRequest], Begun]
 OrderKey = Callable[[pb.ModelInferRequest], Hashable | None]
 
 
@@ -54,13 +57,13 @@ class InferStream:
         self,
         context: ServicerContext,
         caller: Caller,
-        infer: Infer,
+        begin: Begin,
         order_key: OrderKey,
         max_bytes: int,
         idle_timeout_s: float,
         send_timeout_s: float,
     ) -> None:
-        self.context, self.caller, self.infer, self.order_key = context, caller, infer, order_key
+        self.context, self.caller, self.begin, self.order_key = context, caller, begin, order_key
         self.max_bytes, self.idle_timeout_s, self.send_timeout_s = (
             max_bytes,
             idle_timeout_s,
@@ -72,7 +75,7 @@ class InferStream:
         self._bytes = 0
         self._room: asyncio.Future[None] | None = None
         self._tails: dict[Hashable, asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Future[Any]] = set()  # strong references
         self._eof = False
         self._closing = False
         self._reader: asyncio.Task[None] | None = None
@@ -150,45 +153,81 @@ class InferStream:
         self._out.put_nowait(_WAKE)
 
     def _start(self, request: pb.ModelInferRequest, size: int) -> None:
+        """Begin a request now, or once the one before it with the same key is answered. No
+        task of the stream's own: what answers it runs from callbacks."""
         try:
             key = self.order_key(request)
         except Exception as exc:
             self._out.put_nowait((self._error(request, exc), size))
             return
-        before = done = None
+        done = None
         if key is not None:
             before = self._tails.get(key)
             done = self._tails[key] = self.loop.create_future()
-        task = self.loop.create_task(self._answer(request, size, key, before, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            if before is not None:
+                before.add_done_callback(partial(self._begin, request, size, key, done))
+                return
+        self._begin(request, size, key, done)
 
-    async def _answer(
+    def _begin(
         self,
         request: pb.ModelInferRequest,
         size: int,
         key: Hashable | None,
-        before: asyncio.Future[None] | None,
         done: asyncio.Future[None] | None,
+        _before: object = None,
     ) -> None:
         try:
-            if before is not None:
-                await before
-            response = await self.infer(request)
-            reply = pb.ModelStreamInferResponse(infer_response=response)
-            _messages("OK").inc()
-        except asyncio.CancelledError:
-            raise
+            running, answer = self.begin(request)
         except Exception as exc:
-            reply = self._error(request, exc)
-        finally:
-            if done is not None:
-                done.set_result(None)
-                if self._tails.get(key) is done:  # type: ignore[arg-type]
-                    del self._tails[key]  # type: ignore[arg-type]
-        self._out.put_nowait((reply, size))
+            self._answer(key, done, self._error(request, exc), size)
+            return
+        self._running.add(running)
+        running.add_done_callback(partial(self._answered, request, size, key, done, answer))
 
-    def _error(self, request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
+    def _answered(
+        self,
+        request: pb.ModelInferRequest,
+        size: int,
+        key: Hashable | None,
+        done: asyncio.Future[None] | None,
+        answer: Callable[[Any], pb.ModelInferResponse],
+        running: asyncio.Future[Any],
+    ) -> None:
+        self._running.discard(running)
+        if running.cancelled():  # the loop is shutting down: nothing to answer
+            self._answer(key, done, None, size)
+            return
+        exc = running.exception()
+        if exc is None:
+            try:
+                reply = pb.ModelStreamInferResponse(infer_response=answer(running.result()))
+            except Exception as error:
+                exc = error
+            else:
+                _messages("OK").inc()
+        if exc is not None:
+            reply = self._error(request, exc)
+        self._answer(key, done, reply, size)
+
+    def _answer(
+        self,
+        key: Hashable | None,
+        done: asyncio.Future[None] | None,
+        reply: pb.ModelStreamInferResponse | None,
+        size: int,
+    ) -> None:
+        """The request is answered: the next one with its key may begin; the reply goes out."""
+        if done is not None:
+            done.set_result(None)
+            if self._tails.get(key) is done:  # type: ignore[arg-type]
+                del self._tails[key]  # type: ignore[arg-type]
+        if reply is not None:
+            self._out.put_nowait((reply, size))
+
+    def _error(
+        self, request: pb.ModelInferRequest, exc: BaseException
+    ) -> pb.ModelStreamInferResponse:
         code, message, _ = grpc_status(exc, "ModelStreamInfer")
         _messages(code.name).inc()
         return pb.ModelStreamInferResponse(

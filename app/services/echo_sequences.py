@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections import deque
+from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -48,7 +48,6 @@ from app.services.echo_replies import (
     STARTED,
     SequenceTag,
     reply_seq,
-    sequence_tag,
     unpack_sequence_reply,
 )
 
@@ -61,6 +60,8 @@ MAX_SEQUENCE_ID = 2**64 - 1
 MAX_SEQUENCE_ID_BYTES = 256  # a string sequence_id, UTF-8
 MAX_WAITING = 16  # requests of one sequence waiting for their turn in this process
 SESSION_PREFIX = "q."  # sequence sessions' ids; "." is never in /echo's session ids
+_ADVANCED = ECHO_SEQUENCE_STEPS.labels("advanced")
+_REPLAYED = ECHO_SEQUENCE_STEPS.labels("replayed")
 
 
 class SequenceReply(NamedTuple):
@@ -153,6 +154,35 @@ class EchoSequences:
         step. Once begun, a step completes even if the caller is cancelled (a retry then finds
         its answer).
         """
+        return await asyncio.shield(
+            self.begin(
+                scope=scope,
+                sequence_id=sequence_id,
+                start=start,
+                end=end,
+                request_id=request_id,
+                bits=bits,
+                version=version,
+                client=client,
+            )
+        )
+
+    def begin(
+        self,
+        *,
+        scope: str,
+        sequence_id: int | str | None,
+        start: bool,
+        end: bool,
+        request_id: str | None,
+        bits: np.ndarray,
+        version: int | None,
+        client: str | None = None,
+    ) -> asyncio.Task[SequenceReply]:
+        """:meth:`step` for a caller that never cancels what it waits for (a gRPC stream
+        answers its requests from callbacks): the request is checked at once (the same errors,
+        raised here), and the step runs in the task returned, which nothing else cancels; its
+        result or error is :meth:`step`'s. Await it through ``asyncio.shield``, or not at all."""
         settings = self.echo.settings
         key = sequence_key(sequence_id)
         if type(start) is not bool or type(end) is not bool:
@@ -168,17 +198,18 @@ class EchoSequences:
             id_digest = bytes(16)
         request_digest = hashlib.sha256(bytes([flags]) + chunk).digest()[:8]
         lane = self._start_lane(version) if start else None
+        session_id = _session_id(scope, key)
         task = asyncio.create_task(
             self._step(
-                _session_id(scope, key),
-                _Step(_describe(sequence_id), flags, id_digest, request_digest, chunk, version),
+                session_id,
+                _Step(sequence_id, flags, id_digest, request_digest, chunk, version),
                 lane,
                 client,
             )
         )
         self._steps.add(task)  # a strong reference while it runs (shielded)
         task.add_done_callback(self._finished)
-        return await asyncio.shield(task)
+        return task
 
     def _finished(self, task: asyncio.Task[SequenceReply]) -> None:
         self._steps.discard(task)
@@ -203,25 +234,34 @@ class EchoSequences:
     async def _step(
         self, session_id: str, step: _Step, start: EchoLane | None, client: str | None
     ) -> SequenceReply:
+        waiter = self._enter(session_id)
+        if waiter is not None:  # another step of this sequence runs: wait for it (FIFO)
+            await self._wait_turn(session_id, waiter)
+        try:
+            return await self._attached_step(session_id, step, start, client)
+        finally:
+            self._leave(session_id)
+
+    async def _attached_step(
+        self, session_id: str, step: _Step, start: EchoLane | None, client: str | None
+    ) -> SequenceReply:
         echo = self.echo
-        async with self._turn(session_id):
-            try:
-                session, stored_version = await echo.open_sequence(
-                    session_id, session_id, client, start
-                )
-            except NotFound as exc:
-                if exc.code == "session_version_unavailable":
-                    raise
-                raise SequenceError(
-                    f"sequence {step.name} is unknown (never started, idle for longer than "
-                    "ECHO_SESSION_TTL_S, or evicted); send sequence_start to begin it",
-                    "sequence_not_found",
-                ) from None
-            attached = [session]  # the session as it is now (a move makes a new one)
-            try:
-                return await self._advance(attached, stored_version, step, start)
-            finally:
-                await echo.close(attached[0])
+        try:
+            opened = await echo.open_sequence(session_id, session_id, client, start)
+        except NotFound as exc:
+            if exc.code == "session_version_unavailable":
+                raise
+            raise SequenceError(
+                f"sequence {_describe(step.sequence_id)} is unknown (never started, idle for "
+                "longer than ECHO_SESSION_TTL_S, or evicted); send sequence_start to begin it",
+                "sequence_not_found",
+            ) from None
+        session, stored_version = opened
+        attached = [session]  # the session as it is now (a move makes a new one)
+        try:
+            return await self._advance(attached, stored_version, step, start)
+        finally:
+            await echo.close(attached[0])
 
     async def _advance(
         self, attached: list[Session], stored_version: int, step: _Step, start: EchoLane | None
@@ -231,20 +271,21 @@ class EchoSequences:
         if step.flags & HAS_ID:
             replay = _replay(session, step)
             if replay is not None:
-                ECHO_SEQUENCE_STEPS.labels("replayed").inc()
+                _REPLAYED.inc()
                 return replay
         saved = None
         if start is None:
             if _ended(session):
                 raise SequenceError(
-                    f"sequence {step.name} has ended (sequence_end); send sequence_start to "
-                    "begin it again",
+                    f"sequence {_describe(step.sequence_id)} has ended (sequence_end); send "
+                    "sequence_start to begin it again",
                     "sequence_ended",
                 )
             if step.version is not None and step.version != session.version:
                 raise SequenceError(
-                    f"sequence {step.name} runs on echo_rnn version {session.version}, not "
-                    f"{step.version}; continue it without a version or on its own",
+                    f"sequence {_describe(step.sequence_id)} runs on echo_rnn version "
+                    f"{session.version}, not {step.version}; continue it without a version or on "
+                    "its own",
                     "sequence_version_mismatch",
                 )
         elif session.version != start.version or stored_version != start.version:
@@ -264,50 +305,75 @@ class EchoSequences:
                 store.restore(session.slot, saved)
             raise
         session.record(echoed.seq, echoed.packed)
-        ECHO_SEQUENCE_STEPS.labels("advanced").inc()
+        _ADVANCED.inc()
         return SequenceReply(echoed.probs, echoed.bits, session.version, False)
 
-    @contextlib.asynccontextmanager
-    async def _turn(self, session_id: str) -> AsyncIterator[None]:
-        """One step of a sequence at a time in this process, in arrival order (FIFO lock)."""
+    # One step of a sequence at a time in this process, in arrival order. The turn of a
+    # sequence nobody else steps is a dict entry (no lock, no timer); a step finding one waits
+    # on a future of its own, queued in order, for at most REQUEST_TIMEOUT_S.
+
+    def _enter(self, session_id: str) -> asyncio.Future[None] | None:
+        """Take the sequence's turn (``None``), or join its queue (the future to wait for with
+        :meth:`_wait_turn`); ``SequenceBusy`` when ``MAX_WAITING`` wait already."""
         turn = self._turns.get(session_id)
         if turn is None:
-            turn = self._turns[session_id] = _Turn()
+            self._turns[session_id] = _Turn()
+            return None
         if turn.users > MAX_WAITING:
             raise SequenceBusy(
                 f"{MAX_WAITING} requests of this sequence are waiting already; send a "
                 "sequence's steps one at a time"
             )
         turn.users += 1
+        waiter = asyncio.get_running_loop().create_future()
+        turn.waiters.append(waiter)
+        return waiter
+
+    async def _wait_turn(self, session_id: str, waiter: asyncio.Future[None]) -> None:
+        """Wait for the turn: the step before this one resolves ``waiter`` when it leaves."""
+        timeout_s = self.echo.settings.request_timeout_s
         try:
-            timeout_s = self.echo.settings.request_timeout_s
             try:
                 async with asyncio.timeout(timeout_s):
-                    await turn.lock.acquire()
+                    await waiter
             except TimeoutError:
                 raise SequenceBusy(
                     f"another request of this sequence held it for {timeout_s:g} s"
                 ) from None
-            try:
-                yield
-            finally:
-                turn.lock.release()
-        finally:
-            turn.users -= 1
-            if turn.users == 0:
-                del self._turns[session_id]
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._leave(session_id)  # handed the turn, but leaving: pass it on
+            else:
+                waiter.cancel()
+                turn = self._turns[session_id]  # the step holding it keeps it there
+                turn.waiters.remove(waiter)
+                turn.users -= 1
+            raise
+
+    def _leave(self, session_id: str) -> None:
+        """The step holding the turn is done: hand it to the next one waiting, if any."""
+        turn = self._turns[session_id]
+        turn.users -= 1
+        waiters = turn.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        if turn.users == 0:
+            del self._turns[session_id]
 
 
 class _Turn:
-    __slots__ = ("lock", "users")
+    __slots__ = ("users", "waiters")
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0  # the request holding the lock and those waiting for it
+        self.users = 1  # the step holding the turn and those waiting for it
+        self.waiters: deque[asyncio.Future[None]] = deque()  # those waiting, in order
 
 
 class _Step(NamedTuple):
-    name: str  # the sequence id for error details (clipped)
+    sequence_id: int | str  # for error details (_describe)
     flags: int
     id_digest: bytes
     request_digest: bytes
@@ -344,11 +410,15 @@ def _describe(sequence_id: object) -> str:
     return clip(repr(sequence_id))
 
 
+@lru_cache(maxsize=4096)  # the ids of the sequences stepped lately: one SHA-256 per new one
 def _session_id(scope: str, key: bytes) -> str:
     """The session id of a sequence: ``q.`` + 32 URL-safe characters of a SHA-256 (192 bits)."""
     scoped = scope.encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(b"echo-sequence\0%d\0" % len(scoped) + scoped + key).digest()
     return SESSION_PREFIX + base64.urlsafe_b64encode(digest).decode()[:32]
+
+
+_BYTE_BITS = (np.dtype(np.uint8), np.dtype(np.int8))  # one byte an element: checked as bytes
 
 
 def _chunk(bits: np.ndarray, max_bits: int) -> bytes:
@@ -363,26 +433,40 @@ def _chunk(bits: np.ndarray, max_bits: int) -> bytes:
                 "too_many_bits",
             )
         raise InvalidInput("a step needs at least one bit (shape [1, T], T ≥ 1)", "invalid_shape")
+    if bits.dtype in _BYTE_BITS:  # what the transports decode UINT8 to: no NumPy ufuncs
+        chunk = bits.tobytes()
+        if chunk.translate(None, b"\0\1"):
+            raise InvalidInput("bits must be 0 or 1", "invalid_bits")
+        return chunk
     if bits.dtype.kind not in "biuf" or not ((bits == 0) | (bits == 1)).all():
         raise InvalidInput("bits must be 0 or 1", "invalid_bits")
     return bits.astype(np.uint8, copy=False).tobytes()
 
 
+# Where a packed sequence step reply keeps its tag's fields, from its end (SequenceTag's layout).
+_FLAGS_AT = -SEQUENCE_TAG_BYTES
+_ID_DIGEST = slice(-SEQUENCE_TAG_BYTES + 5, -SEQUENCE_TAG_BYTES + 21)
+_REQUEST_DIGEST = slice(-SEQUENCE_TAG_BYTES + 21, None)
+
+
 def _replay(session: Session, step: _Step) -> SequenceReply | None:
     """The kept answer to this step's request id, if the sequence has one (newest first)."""
+    id_digest = step.id_digest
     for packed in reversed(session.replies):
-        if len(packed) < 8 + SEQUENCE_TAG_BYTES:
+        if (
+            len(packed) < 8 + SEQUENCE_TAG_BYTES
+            or packed[_ID_DIGEST] != id_digest
+            or not packed[_FLAGS_AT] & HAS_ID
+        ):
             continue
-        tag = sequence_tag(packed)
-        if tag.flags & HAS_ID and tag.id_digest == step.id_digest:
-            if tag.request_digest != step.request_digest:
-                raise SequenceError(
-                    "this request id was answered already in this sequence, for other bits or "
-                    "flags; give each request of a sequence its own id",
-                    "request_id_reused",
-                )
-            _, probs, bits, _ = unpack_sequence_reply(packed)
-            return SequenceReply(probs.copy(), bits.copy(), tag.version, True)
+        if packed[_REQUEST_DIGEST] != step.request_digest:
+            raise SequenceError(
+                "this request id was answered already in this sequence, for other bits or "
+                "flags; give each request of a sequence its own id",
+                "request_id_reused",
+            )
+        _, probs, bits, tag = unpack_sequence_reply(packed)
+        return SequenceReply(probs.copy(), bits.copy(), tag.version, True)
     return None
 
 
@@ -391,4 +475,4 @@ def _ended(session: Session) -> bool:
     if not session.replies:
         return False
     last = session.replies[-1]
-    return reply_seq(last) == session.seq and bool(sequence_tag(last).flags & ENDED)
+    return bool(last[_FLAGS_AT] & ENDED) and reply_seq(last) == session.seq

@@ -11,6 +11,7 @@ sequence extension, ``app.services.echo_sequences``), one ``bits`` input ``[1, T
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -170,6 +171,25 @@ async def sequence_step(
     presented when keys are on, else ``None`` (it scopes the sequence ids). ``client``: its
     address (the per-client session limits).
     """
+    task = begin_sequence_step(
+        sequences, model, versioned, tensors, parameters, request_id, api_key, client
+    )
+    reply = await asyncio.shield(task)
+    return reply, sequence_outputs(reply)
+
+
+def begin_sequence_step(
+    sequences: EchoSequences,
+    model: ServedModel,
+    versioned: bool,
+    tensors: Sequence[InputTensor],
+    parameters: Mapping[str, Any],
+    request_id: str | None,
+    api_key: str | None,
+    client: str | None,
+) -> asyncio.Task[SequenceReply]:
+    """:func:`sequence_step`'s request checked, and its step begun (``EchoSequences.begin``:
+    the task that runs it; a refused request raises here)."""
     if len(tensors) != 1 or tensors[0].name != ECHO_BITS:
         names = ", ".join(repr(clip(t.name)) for t in tensors[:3])
         raise InvalidInput(
@@ -183,7 +203,7 @@ async def sequence_step(
             f"{list(tensor.shape)}",
             "invalid_shape",
         )
-    reply = await sequences.step(
+    return sequences.begin(
         scope=scope_of(api_key),
         sequence_id=parameters.get("sequence_id"),
         start=parameters.get("sequence_start", False),
@@ -193,8 +213,11 @@ async def sequence_step(
         version=model.version if versioned else None,
         client=client,
     )
-    arrays = {
+
+
+def sequence_outputs(reply: SequenceReply) -> dict[str, np.ndarray]:
+    """A step's outputs: ``probabilities`` FP32 and ``bits`` UINT8, ``[1, T]``."""
+    return {
         ECHO_PROBABILITIES: reply.probabilities.reshape(1, -1),
         ECHO_OUTPUT_BITS: reply.bits.reshape(1, -1),
     }
-    return reply, arrays
