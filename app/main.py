@@ -29,7 +29,7 @@ from app.api.responses import OrjsonResponse
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import RequestGuard
-from app.core.runtime import tune_runtime
+from app.core.runtime import start_pacer, tune_runtime
 from app.grpc.server import GrpcServer
 from app.services.echo_sequences import EchoSequences
 from app.services.echo_service import EchoService
@@ -51,6 +51,7 @@ async def _load(state: AppState) -> None:
                 failed = [v for v in state.models.versions[name].values() if v.state == "failed"]
                 raise RuntimeError(_why(name, failed))
         tune_runtime()
+        start_pacer()
     except Exception as exc:
         state.lifecycle.status, state.lifecycle.error = "failed", str(exc)
         log.exception("model start-up failed; exiting", extra={"error": str(exc)})

@@ -14,7 +14,8 @@ from tests.conftest import REPO_ROOT as REPO
 SCRIPT = """
 import gc, json, sys
 from prometheus_client import REGISTRY
-from app.core.runtime import GC_THRESHOLDS, tune_runtime
+import asyncio
+from app.core.runtime import GC_THRESHOLDS, PACE_S, start_pacer, tune_runtime
 
 def pauses(generation):
     return REGISTRY.get_sample_value(
@@ -25,10 +26,19 @@ tune_runtime()  # idempotent: one callback
 before = [pauses(g) for g in range(3)]
 gc.collect(0)
 gc.collect(2)
+added = [pauses(g) - b for g, b in enumerate(before)]
+
+async def paced():
+    start_pacer()
+    start_pacer()  # idempotent: one pacer
+    before = [pauses(g) for g in range(3)]
+    await asyncio.sleep(20 * PACE_S)
+    return [pauses(g) - b for g, b in enumerate(before)]
+
 print(json.dumps({
     "thresholds": gc.get_threshold(), "expected": GC_THRESHOLDS,
     "switch": sys.getswitchinterval(), "frozen": gc.get_freeze_count(),
-    "added": [pauses(g) - b for g, b in enumerate(before)],
+    "added": added, "paced": asyncio.run(paced()),
 }))
 """
 
@@ -44,3 +54,5 @@ def test_runtime_freezes_start_up_sets_thresholds_and_observes_each_collection()
     assert out["switch"] == 0.001
     assert out["frozen"] > 1000  # what start-up (here: the imports) left is out of the collector
     assert out["added"] == [1, 0, 1]  # one pause each, under its own generation
+    young, middle, full = out["paced"]  # 20 periods of the pacer: ~10 young and ~10 middle
+    assert 4 <= young <= 12 and 4 <= middle <= 12 and full == 0, out["paced"]
