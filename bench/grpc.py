@@ -648,8 +648,8 @@ def markdown(meta: dict[str, Any], summary: list[dict[str, Any]], rows: list[dic
         "# gRPC beside HTTP and the WebSocket",
         "",
         f"`{meta['command']}` at commit `{meta['commit']}`, started {meta['started']}: "
-        f"{meta['cpu_count']} CPU cores **shared with other engineers' work** (load average "
-        f"{meta['loadavg_before'][0]:.1f} before, {meta['loadavg_after'][0]:.1f} after), one "
+        f"{meta['cpu_count']} CPU cores (load average {meta['loadavg_before'][0]:.1f} before, "
+        f"{meta['loadavg_after'][0]:.1f} after: above ~1.5 other work shared them), one "
         f"server (batching on), {meta['warmup_s']:g} s warm-up + {meta['duration_s']:g} s "
         f"measured per row, {meta['rounds']} round(s); medians over rounds, ratios within a "
         "round. The load generator is one process with equally cheap clients for every "
