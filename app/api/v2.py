@@ -11,6 +11,7 @@ protocol's status (``V2Route``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -33,9 +34,10 @@ from app.services.open_inference import (
     ECHO_OUTPUTS,
     EXTENSIONS,
     SERVER_NAME,
+    begin_sequence_step,
     classify_digits,
     digit_images,
-    sequence_step,
+    sequence_outputs,
     sequences_for,
     served_model,
 )
@@ -239,7 +241,7 @@ async def _sequence_step(
     outputs = wanted_outputs(parsed, ECHO_OUTPUTS)
     keys_on = bool(split_list(settings.api_keys.get_secret_value()))
     client = scope.get("client")
-    reply, arrays = await sequence_step(
+    step = begin_sequence_step(
         sequences,
         model,
         versioned,
@@ -249,6 +251,8 @@ async def _sequence_step(
         bearer_key(scope) if keys_on else None,
         client[0] if client else None,
     )
+    reply = await asyncio.shield(step)
+    arrays = sequence_outputs(reply)
     return render_infer(
         model.name,
         str(reply.version),

@@ -213,7 +213,7 @@ SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 def sequence_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
     """The sequence parameters a request carries, as Python values (``sequence_id``: the
     ``int64_param``, ``uint64_param`` or ``string_param`` tritonclient sets; the flags: their
-    ``bool_param``). A value of another kind reaches ``EchoSequences.step``, which refuses it."""
+    ``bool_param``). A value of another kind reaches ``EchoSequences.begin``, which refuses it."""
     params = request.parameters
     found: dict[str, Any] = {}
     if params:

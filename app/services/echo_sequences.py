@@ -27,7 +27,7 @@ import base64
 import hashlib
 from collections import deque
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -83,7 +83,7 @@ def scope_of(api_key: str | None) -> str:
 
 def sequence_bits(name: str, array: np.ndarray) -> np.ndarray:
     """A decoded v2 input tensor of shape ``[1, T]`` → its ``[T]`` bits (the transports' shape
-    check; values are checked by :meth:`EchoSequences.step`). ``InvalidInput`` otherwise."""
+    check; values are checked by :meth:`EchoSequences.begin`). ``InvalidInput`` otherwise."""
     if array.ndim != 2 or array.shape[0] != 1:
         raise InvalidInput(
             f"input {clip(name)!r}: shape must be [1, T], one sequence's next T bits; got "
@@ -101,7 +101,12 @@ class EchoSequences:
         self._turns: dict[str, _Turn] = {}  # session id -> this process's requests on it
         self._steps: set[asyncio.Task[SequenceReply]] = set()
 
-    async def step(
+    async def step(self, **request: Any) -> SequenceReply:
+        """:meth:`begin` a step (same keywords) and await it, shielded: once begun it completes
+        even if the caller is cancelled (a retry then finds its answer)."""
+        return await asyncio.shield(self.begin(**request))
+
+    def begin(
         self,
         *,
         scope: str,
@@ -112,7 +117,7 @@ class EchoSequences:
         bits: np.ndarray,
         version: int | None,
         client: str | None = None,
-    ) -> SequenceReply:
+    ) -> asyncio.Task[SequenceReply]:
         """Advance sequence ``sequence_id`` of ``scope`` by ``bits``; the contract:
 
         - ``scope``: :func:`scope_of` the client's API key (``""`` with keys off).
@@ -144,45 +149,18 @@ class EchoSequences:
           version this process does not serve: ``NotFound`` ``session_version_unavailable``.
         - ``client``: the client's address, for the per-client session limits.
 
-        Returns :class:`SequenceReply` (probabilities and bits ``[T]``, the version, replayed).
-        Steps of one sequence run one at a time in arrival order (at most 16 waiting in a
-        process, each at most ``REQUEST_TIMEOUT_S``: ``SequenceBusy``); across replicas a
-        step finding the sequence held elsewhere retries for ~0.3 s, then ``SequenceBusy``.
-        Other errors are the echo service's: ``NotReady``, ``Overloaded`` (server or client
-        session limits), ``StoreUnavailable``, ``LeaseLost``, ``DeadlineExceeded``,
-        ``ModelFailed``, ``GoingAway``. A failed step leaves the sequence at its last answered
-        step. Once begun, a step completes even if the caller is cancelled (a retry then finds
-        its answer).
-        """
-        return await asyncio.shield(
-            self.begin(
-                scope=scope,
-                sequence_id=sequence_id,
-                start=start,
-                end=end,
-                request_id=request_id,
-                bits=bits,
-                version=version,
-                client=client,
-            )
-        )
+        The task's result is a :class:`SequenceReply` (probabilities and bits ``[T]``, the version,
+        replayed). Steps of one sequence run one at a time in arrival order (at most 16 waiting in a
+        process, each at most ``REQUEST_TIMEOUT_S``: ``SequenceBusy``); across replicas a step
+        finding the sequence held elsewhere retries for ~0.3 s, then ``SequenceBusy``. Other errors
+        are the echo service's: ``NotReady``, ``Overloaded`` (server or client session limits),
+        ``StoreUnavailable``, ``LeaseLost``, ``DeadlineExceeded``, ``ModelFailed``, ``GoingAway``. A
+        failed step leaves the sequence at its last answered step.
 
-    def begin(
-        self,
-        *,
-        scope: str,
-        sequence_id: int | str | None,
-        start: bool,
-        end: bool,
-        request_id: str | None,
-        bits: np.ndarray,
-        version: int | None,
-        client: str | None = None,
-    ) -> asyncio.Task[SequenceReply]:
-        """:meth:`step` for a caller that never cancels what it waits for (a gRPC stream
-        answers its requests from callbacks): the request is checked at once (the same errors,
-        raised here), and the step runs in the task returned, which nothing else cancels; its
-        result or error is :meth:`step`'s. Await it through ``asyncio.shield``, or not at all."""
+        The request is checked at once (a refused one raises here); the step runs in the task
+        returned, which nothing else cancels (:meth:`step` awaits it shielded, as should any
+        caller that may be cancelled; a gRPC stream answers from its callbacks).
+        """
         settings = self.echo.settings
         key = sequence_key(sequence_id)
         if type(start) is not bool or type(end) is not bool:
@@ -383,7 +361,7 @@ class _Step(NamedTuple):
 
 def sequence_key(sequence_id: object) -> bytes:
     """The typed bytes of a sequence id (an int and its digits as a string differ), or the
-    ``SequenceError`` of :meth:`EchoSequences.step` (a transport may check it first)."""
+    ``SequenceError`` of :meth:`EchoSequences.begin` (a transport may check it first)."""
     if sequence_id is None or (type(sequence_id) in (int, str) and not sequence_id):
         raise SequenceError(
             "echo_rnn is stateful: every request needs parameters.sequence_id (an integer "

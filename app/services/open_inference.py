@@ -154,30 +154,6 @@ def sequences_for(sequences: EchoSequences | None, parameters: Mapping[str, Any]
     return sequences
 
 
-async def sequence_step(
-    sequences: EchoSequences,
-    model: ServedModel,
-    versioned: bool,
-    tensors: Sequence[InputTensor],
-    parameters: Mapping[str, Any],
-    request_id: str | None,
-    api_key: str | None,
-    client: str | None,
-) -> tuple[SequenceReply, dict[str, np.ndarray]]:
-    """One step of an ``echo_rnn`` sequence: input ``bits`` [1, T] → the reply and its outputs
-    ``probabilities`` FP32 and ``bits`` UINT8 [1, T].
-
-    ``versioned``: the request named the model's version. ``api_key``: the key the client
-    presented when keys are on, else ``None`` (it scopes the sequence ids). ``client``: its
-    address (the per-client session limits).
-    """
-    task = begin_sequence_step(
-        sequences, model, versioned, tensors, parameters, request_id, api_key, client
-    )
-    reply = await asyncio.shield(task)
-    return reply, sequence_outputs(reply)
-
-
 def begin_sequence_step(
     sequences: EchoSequences,
     model: ServedModel,
@@ -188,8 +164,15 @@ def begin_sequence_step(
     api_key: str | None,
     client: str | None,
 ) -> asyncio.Task[SequenceReply]:
-    """:func:`sequence_step`'s request checked, and its step begun (``EchoSequences.begin``:
-    the task that runs it; a refused request raises here)."""
+    """One step of an ``echo_rnn`` sequence, input ``bits`` [1, T]: the request checked and
+    its step begun (``EchoSequences.begin``: the task that runs it, to await through
+    ``asyncio.shield``; a refused request raises here). :func:`sequence_outputs` turns its
+    reply into the outputs ``probabilities`` FP32 and ``bits`` UINT8 [1, T].
+
+    ``versioned``: the request named the model's version. ``api_key``: the key the client
+    presented when keys are on, else ``None`` (it scopes the sequence ids). ``client``: its
+    address (the per-client session limits).
+    """
     if len(tensors) != 1 or tensors[0].name != ECHO_BITS:
         names = ", ".join(repr(clip(t.name)) for t in tensors[:3])
         raise InvalidInput(
