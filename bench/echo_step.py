@@ -76,15 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         model.use_numpy_step(max(ROWS))
         numpy_step = model._numpy_step
         assert numpy_step is not None
-        costs = model._numpy_costs
         for rows in ROWS:
             for steps in STEPS:
                 model._numpy_step = None
                 tf_us = cpu_us(model.infer, rows, steps, model.state_dim)
                 np_us = cpu_us(numpy_step, rows, steps, model.state_dim)
                 model._numpy_step = numpy_step
-                per_row_step, per_step, per_row_call, per_call = costs
-                pick = steps * (per_step + per_row_step * rows) < per_call + per_row_call * rows
+                pick = model.numpy_takes(rows, steps)
                 row = (
                     f"| {version} | {hyper['cell']} × {hyper['layers']} | {rows} × {steps} | "
                     f"{tf_us:,.0f} | {np_us:,.0f} | {np_us / tf_us:.2f} | "

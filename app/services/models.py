@@ -230,11 +230,8 @@ class EchoModel(ServedModel):
         """:meth:`step`: in NumPy where :meth:`use_numpy_step` measured that cheaper, else
         XLA-compiled and padded to power-of-two shapes, if compiled."""
         numpy_step = self._numpy_step
-        if numpy_step is not None:
-            n, t = bits.shape
-            per_row_step, per_step, per_row_call, per_call = self._numpy_costs
-            if t * (per_step + per_row_step * n) < per_call + per_row_call * n:
-                return numpy_step(bits, state, lengths)
+        if numpy_step is not None and self.numpy_takes(*bits.shape):
+            return numpy_step(bits, state, lengths)
         if self._compiled is None:
             return self.step(bits, state, lengths)
         n, t = bits.shape
@@ -279,6 +276,14 @@ class EchoModel(ServedModel):
             "echo model compiled with XLA",
             extra={"rows": sizes, "seconds": round(time.monotonic() - start, 2)},
         )
+
+    def numpy_takes(self, rows: int, steps: int) -> bool:
+        """Whether :meth:`infer` runs a ``[rows, steps]`` call in NumPy (see
+        :meth:`use_numpy_step`)."""
+        if self._numpy_step is None:
+            return False
+        per_row_step, per_step, per_row_call, per_call = self._numpy_costs
+        return steps * (per_step + per_row_step * rows) < per_call + per_row_call * rows
 
     def use_numpy_step(self, largest: int) -> bool:
         """Run calls in NumPy (``modelspec.echo_numpy``) where that is cheaper than TensorFlow.
