@@ -212,17 +212,19 @@ def gc_pauses(before: dict[str, float], after: dict[str, float]) -> dict[str, di
 
 
 def redis_info(redis: RedisServer | None) -> dict[str, Any]:
-    """Commands processed (those scripts call included), calls per command, ``used_memory``."""
+    """Commands processed (those scripts call included), calls per command, ``used_memory``,
+    and the CPU seconds redis-server has used (it shares this machine's cores)."""
     if redis is None:
         return {}
     import redis as redis_py
 
     client = redis_py.Redis(port=redis.port)
     try:
-        stats, memory = client.info("stats"), client.info("memory")
+        stats, memory, cpu = client.info("stats"), client.info("memory"), client.info("cpu")
         calls = {k[8:]: v["calls"] for k, v in client.info("commandstats").items()}
         return {
             "commands": stats["total_commands_processed"],
+            "cpu_s": cpu["used_cpu_sys"] + cpu["used_cpu_user"],
             "calls": calls,
             "used_memory": memory["used_memory"],
             "t": time.monotonic(),
@@ -355,19 +357,32 @@ async def measure(
         for conn in live:
             conn.stats = stats
         opts = argparse.Namespace(warmup=args.warmup, duration=args.duration, server_pid=pid)
-        meter = Meter(pid)
+        meter, redis_before = Meter(pid), redis_info(redis)
         with client_gc_paused():
             row = await openloop.drive(
                 live, openloop.ECHO_FRAMES, args.rate / len(live), opts, stats
             )
         cpu = meter.read()  # the whole phase; drive's own server_cpu_pct is the window's
         row |= {"sessions": len(live), "open": len(conns), "client_cpu_pct": cpu["client_cpu_pct"]}
+        if redis is not None:
+            now = redis_info(redis)
+            wall = now["t"] - redis_before["t"]
+            row["redis_cpu_pct"] = 100 * (now["cpu_s"] - redis_before["cpu_s"]) / wall
+            row["redis_scripts_per_s"] = (
+                now["calls"].get("evalsha", 0) - redis_before["calls"].get("evalsha", 0)
+            ) / wall
         out["latency"].append(row)
         log(
             f"{name:>8} {args.rate:,.0f} msg/s over {len(live):>6,} sessions: achieved"
             f" {row['achieved_per_s']:6.0f}/s, p50 {row['p50_ms']:6.2f} p99 {row['p99_ms']:6.2f}"
             f" p99.9 {row['p999_ms']:6.2f} ms, {row['errors']} errors, server"
             f" {row['server_cpu_pct']:3.0f} % client {row['client_cpu_pct']:3.0f} %"
+            + (
+                f" redis-server {row['redis_cpu_pct']:3.0f} %"
+                f" ({row['redis_scripts_per_s']:,.0f} scripts/s)"
+                if "redis_cpu_pct" in row
+                else ""
+            )
         )
     scrapes.append(metric_samples(scrape(srv.port)))
     for conn in conns:
@@ -594,15 +609,20 @@ def markdown(results: dict[str, Any]) -> str:
         "scheduled send)",
         "",
         "| config | sessions sending | open | achieved /s | p50 ms | p99 ms | p99.9 ms | errors "
-        "| server CPU % | client CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU % | client CPU % | redis-server CPU % (scripts/s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         for x in r["latency"]:
             lines.append(
                 f"| {r['config']} | {x['sessions']:,} | {x['open']:,} | {x['achieved_per_s']:,.0f}"
                 f" | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['p999_ms']:.2f} | {x['errors']} |"
-                f" {x['server_cpu_pct']:.0f} | {x['client_cpu_pct']:.0f} |"
+                f" {x['server_cpu_pct']:.0f} | {x['client_cpu_pct']:.0f} | "
+                + (
+                    f"{x['redis_cpu_pct']:.0f} ({x['redis_scripts_per_s']:,.0f}) |"
+                    if "redis_cpu_pct" in x
+                    else "- |"
+                )
             )
     lines += [
         "",

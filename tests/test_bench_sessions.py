@@ -83,3 +83,22 @@ def test_a_tiny_run_against_the_floor(tmp_path: Path) -> None:
     assert floor["rest"]["sessions_lost"] == 0 and floor["memory"]["sessions"] == 200
     assert results["meta"]["command"].startswith("python -m bench.sessions --configs floor")
     assert (tmp_path / "sessions.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_redis_info_reports_the_servers_own_cpu(tmp_path: Path) -> None:
+    """The Redis store's benchmark shares the cores with redis-server; its CPU is reported."""
+    import redis as redis_py
+
+    from bench.sessions import redis_info
+    from tests.redis_server import running_redis
+
+    with running_redis(tmp_path / "redis") as server:
+        before = redis_info(server)
+        client = redis_py.Redis(port=server.port)
+        for i in range(2000):
+            client.set(f"k{i}", "v" * 100)
+        client.close()
+        after = redis_info(server)
+    assert after["cpu_s"] > before["cpu_s"] >= 0
+    assert after["calls"]["set"] - before["calls"].get("set", 0) == 2000
