@@ -54,5 +54,5 @@ def test_runtime_freezes_start_up_sets_thresholds_and_observes_each_collection()
     assert out["switch"] == 0.001
     assert out["frozen"] > 1000  # what start-up (here: the imports) left is out of the collector
     assert out["added"] == [1, 0, 1]  # one pause each, under its own generation
-    young, middle, full = out["paced"]  # 20 periods of the pacer: ~10 young and ~10 middle
-    assert 4 <= young <= 12 and 4 <= middle <= 12 and full == 0, out["paced"]
+    young, middle, full = out["paced"]  # 20 periods of the pacer: each collects the middle
+    assert young <= 3 and 14 <= middle <= 21 and full == 0, out["paced"]  # (and young) ones
