@@ -51,7 +51,10 @@ class Settings(BaseSettings):
     batching_enabled: bool = Field(True, description="False: one model call per request/message.")
     digit_max_batch_size: int = Field(256, gt=0, description="Most rows in one digit model call.")
     digit_max_queue_delay_ms: float = Field(
-        0.5, ge=0, description="Longest a digit request waits for others to join its batch."
+        0.5,
+        ge=0,
+        description="Longest a digit request waits for others to join its batch. uvloop keeps "
+        "time in whole milliseconds: 0.5 or less waits one loop iteration, more is rounded.",
     )
     digit_xla: bool = Field(
         True, description="Run the digit model XLA-compiled for fixed batch sizes (warmed up)."
@@ -76,7 +79,10 @@ class Settings(BaseSettings):
         "than TensorFlow (checked against the SavedModel and timed at load) in NumPy.",
     )
     echo_max_queue_delay_ms: float = Field(
-        0.3, ge=0, description="Longest an echo message waits for others to join its batch."
+        0.3,
+        ge=0,
+        description="Longest an echo message waits for others to join its batch. uvloop keeps "
+        "time in whole milliseconds: 0.5 or less waits one loop iteration, more is rounded.",
     )
 
     # Echo sessions
