@@ -17,7 +17,9 @@ addresses (:func:`source_address`). For each configuration:
 2. ``--rest`` seconds with every session idle: server CPU, Redis commands/s (``INFO stats``);
 3. open-loop 1-bit messages at ``--rate`` msg/s in total, spread over ``step`` and then
    ``sessions - step`` of the open sessions (1,000 and 9,000 by default), latency from the
-   scheduled send (``bench.openloop``): p50 / p99 / p99.9;
+   scheduled send (``bench.openloop``): p50 / p99 / p99.9; with Redis also redis-server's CPU,
+   scripts/s and how long the model calls' answers waited for their commit
+   (``echo_store_seconds{op="commit"}``, as histogram buckets);
 4. close every session and measure RSS again (the service keeps them resumable for their TTL);
 5. throughout: ``python_gc_pause_seconds{generation}`` from ``/metrics``, count and max bucket.
 
@@ -32,7 +34,6 @@ import contextlib
 import gc
 import http.client
 import json
-import math
 import os
 import resource
 import sys
@@ -192,23 +193,42 @@ def metric_samples(text: str) -> dict[str, float]:
     return out
 
 
+def bucket_bounds(
+    before: dict[str, float], after: dict[str, float], name: str, label: str, qs: tuple[float, ...]
+) -> tuple[float, list[float]]:
+    """Observations of histogram ``name{label}`` (one ``k="v"``) between two scrapes, and for
+    each quantile in ``qs`` the smallest bucket bound (ms) that holds at least that share of
+    them (``inf`` past the last bucket, 0 with none)."""
+    count = after.get(f"{name}_count{{{label}}}", 0.0) - before.get(f"{name}_count{{{label}}}", 0.0)
+    buckets = []  # (bound, observations between the scrapes up to it)
+    for key, value in after.items():
+        if key.startswith(f"{name}_bucket{{") and label in key:
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), value - before.get(key, 0.0)))
+    buckets.sort()
+    found = [next((le * 1e3 for le, n in buckets if count and n >= q * count), 0.0) for q in qs]
+    return count, found
+
+
 def gc_pauses(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
     """Per generation: pauses between two scrapes and the upper bound of the longest (ms, the
     smallest histogram bucket that holds them all; ``inf`` past the last bucket)."""
     out: dict[str, dict[str, float]] = {}
     for gen in ("0", "1", "2"):
-        count = after.get(f'python_gc_pause_seconds_count{{generation="{gen}"}}', 0.0)
-        count -= before.get(f'python_gc_pause_seconds_count{{generation="{gen}"}}', 0.0)
-        prefix = f'python_gc_pause_seconds_bucket{{generation="{gen}",le="'
-        bounds = sorted(float(k[len(prefix) : -2]) for k in after if k.startswith(prefix))
-        max_ms = 0.0
-        for le in bounds:
-            key = f"{prefix}{'+Inf' if math.isinf(le) else le}" + '"}'
-            if count and after.get(key, 0.0) - before.get(key, 0.0) >= count:
-                max_ms = le * 1e3
-                break
-        out[gen] = {"count": count, "max_ms_at_most": max_ms}
+        labels = f'generation="{gen}"'
+        count, (longest,) = bucket_bounds(before, after, "python_gc_pause_seconds", labels, (1.0,))
+        out[gen] = {"count": count, "max_ms_at_most": longest}
     return out
+
+
+def commit_waits(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The Redis store's commit round trips between two scrapes (``echo_store_seconds``,
+    ``op="commit"``: a model call's answers wait for it): count, and the buckets that hold half
+    and 99 % of them (ms)."""
+    count, (p50, p99) = bucket_bounds(
+        before, after, "echo_store_seconds", 'op="commit"', (0.5, 0.99)
+    )
+    return {"commits": count, "commit_p50_ms_at_most": p50, "commit_p99_ms_at_most": p99}
 
 
 def redis_info(redis: RedisServer | None) -> dict[str, Any]:
@@ -358,6 +378,7 @@ async def measure(
             conn.stats = stats
         opts = argparse.Namespace(warmup=args.warmup, duration=args.duration, server_pid=pid)
         meter, redis_before = Meter(pid), redis_info(redis)
+        metrics_before = metric_samples(scrape(srv.port))
         with client_gc_paused():
             row = await openloop.drive(
                 live, openloop.ECHO_FRAMES, args.rate / len(live), opts, stats
@@ -371,6 +392,7 @@ async def measure(
             row["redis_scripts_per_s"] = (
                 now["calls"].get("evalsha", 0) - redis_before["calls"].get("evalsha", 0)
             ) / wall
+            row |= commit_waits(metrics_before, metric_samples(scrape(srv.port)))
         out["latency"].append(row)
         log(
             f"{name:>8} {args.rate:,.0f} msg/s over {len(live):>6,} sessions: achieved"
@@ -379,7 +401,8 @@ async def measure(
             f" {row['server_cpu_pct']:3.0f} % client {row['client_cpu_pct']:3.0f} %"
             + (
                 f" redis-server {row['redis_cpu_pct']:3.0f} %"
-                f" ({row['redis_scripts_per_s']:,.0f} scripts/s)"
+                f" ({row['redis_scripts_per_s']:,.0f} scripts/s), commit p50 / p99 at most"
+                f" {row['commit_p50_ms_at_most']:g} / {row['commit_p99_ms_at_most']:g} ms"
                 if "redis_cpu_pct" in row
                 else ""
             )
@@ -609,8 +632,9 @@ def markdown(results: dict[str, Any]) -> str:
         "scheduled send)",
         "",
         "| config | sessions sending | open | achieved /s | p50 ms | p99 ms | p99.9 ms | errors "
-        "| server CPU % | client CPU % | redis-server CPU % (scripts/s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU % | client CPU % | redis-server CPU % (scripts/s) "
+        "| commit p50 / p99 ms, at most |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         for x in r["latency"]:
@@ -620,8 +644,9 @@ def markdown(results: dict[str, Any]) -> str:
                 f" {x['server_cpu_pct']:.0f} | {x['client_cpu_pct']:.0f} | "
                 + (
                     f"{x['redis_cpu_pct']:.0f} ({x['redis_scripts_per_s']:,.0f}) |"
-                    if "redis_cpu_pct" in x
-                    else "- |"
+                    f" {x['commit_p50_ms_at_most']:g} / {x['commit_p99_ms_at_most']:g} |"
+                    if "commit_p99_ms_at_most" in x
+                    else "- | - |"
                 )
             )
     lines += [

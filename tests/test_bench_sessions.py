@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from bench.sessions import PER_ADDRESS, PER_NETWORK, gc_pauses, metric_samples, source_address
+from bench.sessions import (
+    PER_ADDRESS,
+    PER_NETWORK,
+    commit_waits,
+    gc_pauses,
+    metric_samples,
+    source_address,
+)
 from bench.sessions import targets as issue_targets
 from tests.live_server import REPO
 
@@ -67,6 +74,22 @@ def test_gc_pauses_count_and_longest_bucket_between_scrapes() -> None:
     assert found["0"] == {"count": 1, "max_ms_at_most": 1.0}
     assert found["1"] == {"count": 1, "max_ms_at_most": 10.0}
     assert found["2"]["count"] == 1 and found["2"]["max_ms_at_most"] == float("inf")
+
+
+def test_commit_waits_give_the_buckets_that_hold_half_and_99_percent() -> None:
+    registry = CollectorRegistry()
+    store = Histogram("echo_store_seconds", "store", ["op"],
+                      buckets=(0.001, 0.0025, 0.01), registry=registry)  # fmt: skip
+    store.labels("commit").observe(0.02)  # before: not counted
+    before = metric_samples(generate_latest(registry).decode())
+    for _ in range(98):
+        store.labels("commit").observe(0.0008)
+    store.labels("commit").observe(0.002)
+    store.labels("commit").observe(0.005)
+    store.labels("renew").observe(0.5)  # another op
+    found = commit_waits(before, metric_samples(generate_latest(registry).decode()))
+    assert found == {"commits": 100, "commit_p50_ms_at_most": 1.0, "commit_p99_ms_at_most": 2.5}
+    assert commit_waits(before, before)["commits"] == 0
 
 
 @pytest.mark.slow
