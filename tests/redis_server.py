@@ -15,8 +15,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.servers import free_port
+
+if TYPE_CHECKING:
+    from app.services.redis_sessions import RedisSessions
 
 
 def redis_executable() -> str:
@@ -102,3 +106,18 @@ def running_redis(
         yield server
     finally:
         server.stop()
+
+
+def session_store(url: str, min_replicas: int = 0) -> RedisSessions:
+    """A session store on ``url`` with short timeouts, for tests that drive it in process."""
+    from app.services.redis_sessions import RedisSessions
+
+    return RedisSessions(
+        url,
+        ttl_s=60,
+        lease_s=5,
+        replies=4,
+        connect_timeout_s=0.5,
+        timeout_s=0.5,
+        min_replicas=min_replicas,
+    )

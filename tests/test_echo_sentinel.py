@@ -32,10 +32,10 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.core.errors import Conflict, StoreUnavailable
 from app.services.echo_replies import unpack_reply
-from app.services.redis_sessions import NotReplicated, RedisSessions, Step
+from app.services.redis_sessions import NotReplicated, Step
 from tests.live_server import LiveServer, start_server, wait_until
 from tests.redis_cluster import RedisCluster, running_cluster
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import RedisServer, running_redis, session_store
 from tests.test_api_echo import refusal, resume_query, send_bits, session
 from tests.test_echo_redis import messages, same, unbroken
 
@@ -52,24 +52,12 @@ def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
         yield c
 
 
-def store(cluster: RedisCluster, min_replicas: int = 1) -> RedisSessions:
-    return RedisSessions(
-        cluster.url,
-        ttl_s=60,
-        lease_s=5,
-        replies=4,
-        connect_timeout_s=0.5,
-        timeout_s=0.5,
-        min_replicas=min_replicas,
-    )
-
-
 def test_writes_wait_for_replicas_and_follow_a_failover(cluster: RedisCluster) -> None:
     """In process: with both replicas stopped no write is acknowledged; SIGKILL the primary and
     the same store writes to the promoted replica, which holds every acknowledged write."""
 
     async def scenario() -> None:
-        s = store(cluster)
+        s = session_store(cluster.url, min_replicas=1)
         try:
             await s.keep_owner()
             await s.create("a", "tok", np.zeros(4, np.float32), 1)
@@ -129,7 +117,7 @@ def test_owner_keys_and_fences_across_a_failover(cluster: RedisCluster) -> None:
     reports the lapse; the reclaim keeps the sessions nobody took and gives up the others."""
 
     async def scenario() -> None:
-        a, b = store(cluster), store(cluster)
+        a, b = session_store(cluster.url, 1), session_store(cluster.url, 1)
         zeros = np.zeros(4, np.float32)
         try:
             for s in (a, b):
@@ -182,7 +170,7 @@ def test_a_connection_that_reaches_a_replica_is_replaced(cluster: RedisCluster) 
     connections, and the next command reaches the primary through the Sentinels."""
 
     async def scenario() -> None:
-        s = store(cluster, min_replicas=0)
+        s = session_store(cluster.url)
         try:
             await s.keep_owner()
             await s.create("a", "tok", np.zeros(4, np.float32), 1)
@@ -212,7 +200,7 @@ def test_a_connection_to_a_primary_cut_off_from_its_replicas_is_replaced(
     command reaches the primary the Sentinels name (found by the chaos test, bench/chaos.py)."""
 
     async def scenario(deposed: RedisServer) -> None:
-        s = store(cluster, min_replicas=0)
+        s = session_store(cluster.url)
         try:
             await s.keep_owner()
             pool = s.client.connection_pool

@@ -30,7 +30,7 @@ from app.core.errors import StoreUnavailable
 from app.services.redis_sessions import RedisSessions, Step
 from tests.live_server import start_server, wait_until
 from tests.redis_cluster import MASTER, running_cluster
-from tests.redis_server import running_redis
+from tests.redis_server import running_redis, session_store
 from tests.test_log_secrets import echo
 from tests.tls_proxy import Proxies, TlsProxy, proxies, server_context
 
@@ -68,18 +68,6 @@ def tls() -> Iterator[Proxies]:
         yield running
 
 
-def store(url: str, min_replicas: int = 0) -> RedisSessions:
-    return RedisSessions(
-        url,
-        ttl_s=60,
-        lease_s=5,
-        replies=4,
-        connect_timeout_s=0.5,
-        timeout_s=0.5,
-        min_replicas=min_replicas,
-    )
-
-
 async def round_trip(s: RedisSessions, session_id: str) -> None:
     """Create, store a step, release, attach again: what echo does, through ``s``."""
     await s.keep_owner()
@@ -93,7 +81,7 @@ async def round_trip(s: RedisSessions, session_id: str) -> None:
 
 def works(url: str, session_id: str = "a", min_replicas: int = 0) -> str:
     async def scenario() -> str:
-        s = store(url, min_replicas)
+        s = session_store(url, min_replicas)
         try:
             await round_trip(s, session_id)
             return s.status()
@@ -107,7 +95,7 @@ def refused(url: str) -> str:
     """The store's status after its first command fails (it must fail)."""
 
     async def scenario() -> str:
-        s = store(url)
+        s = session_store(url)
         try:
             with pytest.raises(StoreUnavailable):
                 await s.keep_owner()
