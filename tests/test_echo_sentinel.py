@@ -327,6 +327,12 @@ def test_sigkill_the_primary_mid_stream_loses_no_answered_step(
         start_server(tmp_path / "b", env) as b,
     ):
         servers = [a, b]
+        # Unbroken streams of the same messages, before the failover: right after it, a write
+        # can be refused (store_unavailable) until the other replica follows the new primary.
+        references = {}
+        for k in plans:
+            with session(a) as (ws, frame):
+                references[k] = (frame, [send_bits(ws, m) for m in plans[k]])
         received: dict[int, list[dict]] = {k: [] for k in plans}
         breaks: dict[int, int] = dict.fromkeys(plans, 0)
         replayed: list[int] = []
@@ -388,10 +394,7 @@ def test_sigkill_the_primary_mid_stream_loses_no_answered_step(
             f"{time.monotonic() - failed_over:.1f} s after the kill"
         )
 
-        references = {}
         for k in plans:
-            with session(a) as (ws, frame):
-                references[k] = (frame, [send_bits(ws, m) for m in plans[k]])
             same(received[k], references[k][1])
 
         # Read back from the promoted primary: what the clients were told is what is stored.
