@@ -22,7 +22,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
 import redis
@@ -187,6 +187,21 @@ class RedisCluster:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"the cluster did not settle: see {self.folder}")
+
+    def wait_acknowledged(self, timeout: float = 30.0) -> None:
+        """Until the primary's running replicas acknowledge a write (``WAIT``): right after a
+        failover a replica can be listed online before it does."""
+        port = self.primary_port()
+        replicas = sum(1 for n in self.data if n.running and n.port != port)
+        deadline = time.monotonic() + timeout
+        with closing(self.client(port)) as r:
+            while time.monotonic() < deadline:
+                with suppress(redis.RedisError):
+                    r.set("test:acknowledged", 1)
+                    if r.execute_command("WAIT", replicas, 500) >= replicas:
+                        return
+                time.sleep(0.1)
+        raise TimeoutError(f"the replicas did not acknowledge a write: see {self.folder}")
 
     def _synced(self, port: int, replicas: int) -> bool:
         try:

@@ -84,6 +84,7 @@ def test_writes_wait_for_replicas_and_follow_a_failover(cluster: RedisCluster) -
             for node in replicas:
                 node.start()
             cluster.wait_synced()
+            cluster.wait_acknowledged()
             await s.release([("a", 2)])
             taken = await s.acquire("a", "tok")
             assert (taken.fence, taken.seq) == (3, 2)  # the unacknowledged step was kept

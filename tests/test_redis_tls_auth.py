@@ -222,6 +222,7 @@ def test_rediss_sentinel_speaks_tls_to_sentinels_and_every_primary(
         cluster.node(old).stop(signal.SIGKILL)
         new = cluster.wait_failover(old)
         cluster.wait_synced()
+        cluster.wait_acknowledged()
         assert works(url, "b", min_replicas=1) == "ok"
         assert fronts[new].tls >= 1
 
